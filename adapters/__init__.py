@@ -1,0 +1,2 @@
+"""Platform adapters: each turns its platform's events into ``IncomingMessage`` and
+implements ``ReplySink``."""

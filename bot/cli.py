@@ -1,0 +1,76 @@
+"""The ``chinwag`` command line: console, run, db upgrade."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from bot import __version__
+from bot.errors import ChinwagError, ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chinwag",
+        description="A self-hosted LLM chat bot for Discord, Telegram and the terminal. "
+                    "Settings come from CHINWAG_* environment variables and .env.",
+    )
+    parser.add_argument("--version", action="version", version=f"chinwag {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (DEBUG)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("console", help="chat in this terminal (reads standard input)")
+    commands.add_parser("run", help="start every adapter whose token is set (console if none)")
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", metavar="ACTION")
+    db_commands.add_parser("upgrade", help="apply the database migrations")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Their INFO lines are about HTTP requests and model internals, not our conversations.
+    for noisy in ("httpx", "transformers", "aiosqlite", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None or (args.command == "db" and args.db_command is None):
+        parser.print_help()
+        return 2
+    from bot import app
+    from bot.config import load_settings
+
+    try:
+        settings = load_settings()
+        level = "DEBUG" if args.verbose else settings.log_level
+        # The terminal chat shows only problems; its conversation is the output.
+        _configure_logging("WARNING" if args.command == "console" and not args.verbose
+                           else level)
+        if args.command == "console":
+            asyncio.run(app.console(settings))
+        elif args.command == "run":
+            asyncio.run(app.run(settings))
+        else:
+            revision = asyncio.run(app.upgrade_database(settings))
+            print(f"database is at revision {revision}")
+    except ConfigError as exc:
+        print(f"chinwag: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ChinwagError as exc:
+        print(f"chinwag: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

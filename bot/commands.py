@@ -1,0 +1,134 @@
+"""Commands, defined once and run on every platform: registry, parsing, access checks."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from bot.errors import CommandError
+from bot.events import IncomingMessage
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+    from bot.generators import Generator
+    from bot.store import Conversation, Store
+
+_COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@(\S+))?(?:\s+(.*))?$", re.DOTALL)
+
+
+class Access(Enum):
+    EVERYONE = "everyone"
+    ADMIN_IN_GROUPS = "admin in groups"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Argument:
+    name: str
+    description: str
+    required: bool = False
+    rest: bool = False
+    """Takes the rest of the line, spaces included (only the last argument)."""
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CommandContext:
+    message: IncomingMessage
+    args: Mapping[str, str]
+    conversation: Conversation
+    is_admin: bool
+    store: Store
+    settings: Settings
+    generator: Generator
+    registry: CommandRegistry
+
+
+Handler = Callable[[CommandContext], Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    description: str
+    handler: Handler
+    arguments: tuple[Argument, ...] = ()
+    access: Access = Access.EVERYONE
+
+    @property
+    def usage(self) -> str:
+        shown = [f"<{a.name}>" if a.required else f"[{a.name}]" for a in self.arguments]
+        return " ".join([f"/{self.name}", *shown])
+
+
+@dataclass(frozen=True, slots=True)
+class CommandCall:
+    """A message that is a command: ``/name[@bot] [arguments]``."""
+
+    name: str
+    addressed_to: str | None
+    argument_text: str
+
+
+def parse_call(text: str) -> CommandCall | None:
+    """A command only when the message starts with ``/name``; text that merely contains a
+    command word is not one."""
+    match = _COMMAND.match(text.strip())
+    if match is None:
+        return None
+    return CommandCall(match.group(1).lower(), match.group(2), (match.group(3) or "").strip())
+
+
+@dataclass
+class CommandRegistry:
+    _commands: dict[str, Command] = field(default_factory=dict)
+
+    def add(self, command: Command) -> None:
+        if command.name in self._commands:
+            raise ValueError(f"command /{command.name} is defined twice")
+        if any(a.rest for a in command.arguments[:-1]):
+            raise ValueError(f"/{command.name}: only the last argument can take the rest")
+        self._commands[command.name] = command
+
+    def get(self, name: str) -> Command | None:
+        return self._commands.get(name)
+
+    def __iter__(self) -> Iterator[Command]:
+        return iter(self._commands.values())
+
+    def __len__(self) -> int:
+        return len(self._commands)
+
+
+def parse_arguments(command: Command, text: str) -> dict[str, str]:
+    """Bind ``text`` to the command's arguments, or raise ``CommandError`` with its usage."""
+    values: dict[str, str] = {}
+    rest = text.strip()
+    for argument in command.arguments:
+        if not rest:
+            if argument.required:
+                raise CommandError(f"/{command.name} needs <{argument.name}>. "
+                                   f"Usage: {command.usage}")
+            continue
+        if argument.rest:
+            value, rest = rest, ""
+        else:
+            value, _, rest = rest.partition(" ")
+            rest = rest.strip()
+        if argument.choices and value.lower() not in argument.choices:
+            raise CommandError(f"{argument.name} must be one of {', '.join(argument.choices)} "
+                               f"(got {value!r}). Usage: {command.usage}")
+        values[argument.name] = value.lower() if argument.choices else value
+    if rest:
+        raise CommandError(f"Too many arguments. Usage: {command.usage}")
+    return values
+
+
+def may_run(command: Command, message: IncomingMessage, is_admin: bool) -> bool:
+    """The one place where command access is decided."""
+    if command.access is Access.EVERYONE or is_admin:
+        return True
+    return command.access is Access.ADMIN_IN_GROUPS and message.is_direct

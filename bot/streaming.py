@@ -1,0 +1,87 @@
+"""Streaming a reply into a ``ReplySink``: throttled edits, continuation past the limit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from bot.errors import DeliveryError
+from bot.events import ReplySink
+from bot.splitting import split_first
+
+logger = logging.getLogger(__name__)
+
+
+class ReplyStream:
+    """Shows a growing reply: the first piece is sent at once, then the message is edited
+    at most once per ``interval`` seconds. When the text outgrows the sink's limit, the
+    finished part is edited into its final form and the rest continues in a new message.
+
+    Failed intermediate edits are logged and skipped (the next edit carries the text);
+    failures of the final form of a message are raised.
+    """
+
+    def __init__(self, sink: ReplySink, *, interval: float, clock: Callable[[], float],
+                 key: str = "") -> None:
+        self._sink = sink
+        self._interval = interval
+        self._clock = clock
+        self._key = key
+        self._limit = sink.max_message_length
+        self._message_ids: list[str] = []
+        self._current_id: str | None = None
+        self._pending = ""
+        self._shown = ""
+        self._last_update = float("-inf")
+        self._text_parts: list[str] = []
+
+    @property
+    def message_ids(self) -> list[str]:
+        """Platform ids of every message this reply used, in order."""
+        return list(self._message_ids)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text_parts)
+
+    async def push(self, piece: str) -> None:
+        self._text_parts.append(piece)
+        self._pending += piece
+        while len(self._pending) > self._limit:
+            head, self._pending = split_first(self._pending, self._limit)
+            await self._show(head, final=True)
+            self._current_id = None
+            self._shown = ""
+        if self._clock() - self._last_update >= self._interval:
+            await self._show(self._pending, final=False)
+
+    async def finish(self, note: str = "") -> list[str]:
+        """Deliver the final form of the last message; ``note`` is appended (after a fault)."""
+        text = self._pending
+        if note:
+            text = f"{text}\n\n{note}" if text.strip() else note
+            while len(text) > self._limit:
+                head, text = split_first(text, self._limit)
+                await self._show(head, final=True)
+                self._current_id = None
+        if not text.strip() and not self._message_ids:
+            text = "…"  # the model said nothing; an empty message is refused by platforms
+        if text.strip():
+            await self._show(text, final=True)
+        return self.message_ids
+
+    async def _show(self, text: str, *, final: bool) -> None:
+        if not text.strip() or (not final and text == self._shown):
+            return
+        self._last_update = self._clock()
+        try:
+            if self._current_id is None:
+                self._current_id = await self._sink.send(text, final=final)
+                self._message_ids.append(self._current_id)
+            else:
+                await self._sink.edit(self._current_id, text, final=final)
+            self._shown = text
+        except DeliveryError as exc:
+            if final:
+                raise
+            logger.warning("%s: skipped a streaming update: %s", self._key, exc)

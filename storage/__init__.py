@@ -1,0 +1,1 @@
+"""SQLAlchemy storage for Chinwag: models, engine, repository and migrations."""

@@ -1,0 +1,307 @@
+"""``SqlStore``: the core's ``Store`` protocol on SQLAlchemy async sessions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from bot.errors import StorageError
+from bot.store import (
+    Conversation,
+    NewReply,
+    NewUserMessage,
+    Role,
+    Stats,
+    StoredMessage,
+)
+from storage.models import ConversationRow, MessageRow, PlatformMessageRow, UsageRow, UserRow
+
+logger = logging.getLogger(__name__)
+
+STATS_LATENCY_SAMPLE = 1000
+
+
+def _conversation(row: ConversationRow) -> Conversation:
+    return Conversation(
+        id=row.id,
+        key=row.key,
+        persona=row.persona,
+        temperature=row.temperature,
+        max_reply_tokens=row.max_reply_tokens,
+        reset_after_id=row.reset_after_id,
+    )
+
+
+def _message(row: MessageRow) -> StoredMessage:
+    return StoredMessage(
+        id=row.id,
+        conversation_id=row.conversation_id,
+        role=Role(row.role),
+        author_id=row.author_id,
+        text=row.text,
+        tokens=row.tokens,
+        created_at=row.created_at,
+        reply_to_id=row.reply_to_id,
+    )
+
+
+def _percentile(sorted_values: Sequence[int], fraction: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
+    return float(sorted_values[index])
+
+
+class SqlStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        try:
+            async with self._sessions() as session, session.begin():
+                yield session
+        except SQLAlchemyError as exc:
+            raise StorageError(f"database error: {exc.__class__.__name__}: {exc}") from exc
+
+    async def conversation(self, key: str) -> Conversation:
+        async with self._transaction() as session:
+            row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
+            if row is not None:
+                return _conversation(row)
+        platform, _, rest = key.partition(":")
+        chat_id, _, thread_id = rest.partition(":")
+        try:
+            async with self._transaction() as session:
+                row = ConversationRow(
+                    key=key, platform=platform, chat_id=chat_id, thread_id=thread_id or None,
+                    reset_after_id=0,
+                )
+                session.add(row)
+            return _conversation(row)
+        except StorageError as exc:
+            if not isinstance(exc.__cause__, IntegrityError):
+                raise
+        # Created meanwhile by another task.
+        async with self._transaction() as session:
+            row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
+            assert row is not None
+            return _conversation(row)
+
+    async def touch_user(self, platform: str, user_id: str, display_name: str) -> bool:
+        async with self._transaction() as session:
+            row = await session.scalar(
+                select(UserRow).where(UserRow.platform == platform, UserRow.user_id == user_id)
+            )
+            now = datetime.now(UTC)
+            if row is None:
+                session.add(UserRow(platform=platform, user_id=user_id,
+                                    display_name=display_name[:255], blocked=False,
+                                    last_seen_at=now))
+                return False
+            row.display_name = display_name[:255]
+            row.last_seen_at = now
+            return row.blocked
+
+    async def add_user_message(self, message: NewUserMessage) -> StoredMessage | None:
+        try:
+            async with self._transaction() as session:
+                seen = await session.scalar(
+                    select(PlatformMessageRow.id).where(
+                        PlatformMessageRow.conversation_id == message.conversation_id,
+                        PlatformMessageRow.platform_message_id == message.platform_message_id,
+                    )
+                )
+                if seen is not None:
+                    return None
+                reply_to_id = None
+                if message.reply_to_platform_id is not None:
+                    reply_to_id = await session.scalar(
+                        select(PlatformMessageRow.message_id).where(
+                            PlatformMessageRow.conversation_id == message.conversation_id,
+                            PlatformMessageRow.platform_message_id
+                            == message.reply_to_platform_id,
+                        )
+                    )
+                row = MessageRow(
+                    conversation_id=message.conversation_id,
+                    role=Role.USER.value,
+                    platform=message.platform,
+                    author_id=message.author_id,
+                    platform_message_id=message.platform_message_id,
+                    reply_to_id=reply_to_id,
+                    text=message.text,
+                    tokens=message.tokens,
+                )
+                session.add(row)
+                await session.flush()
+                session.add(PlatformMessageRow(
+                    conversation_id=message.conversation_id,
+                    platform_message_id=message.platform_message_id,
+                    message_id=row.id,
+                ))
+            return _message(row)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, IntegrityError):
+                return None  # the same platform message, stored by a concurrent delivery
+            raise
+
+    async def add_reply(self, reply: NewReply) -> StoredMessage:
+        async with self._transaction() as session:
+            row = MessageRow(
+                conversation_id=reply.conversation_id,
+                role=Role.ASSISTANT.value,
+                platform=reply.platform,
+                author_id=reply.author_id,
+                platform_message_id=reply.platform_message_ids[0]
+                if reply.platform_message_ids else None,
+                reply_to_id=reply.reply_to_id,
+                text=reply.text,
+                tokens=reply.tokens,
+                generation_ms=reply.generation_ms,
+            )
+            session.add(row)
+            await session.flush()
+            for platform_id in dict.fromkeys(reply.platform_message_ids):
+                session.add(PlatformMessageRow(
+                    conversation_id=reply.conversation_id,
+                    platform_message_id=platform_id,
+                    message_id=row.id,
+                ))
+            today = datetime.now(UTC).date()
+            usage = await session.scalar(select(UsageRow).where(
+                UsageRow.platform == reply.platform,
+                UsageRow.user_id == reply.author_id,
+                UsageRow.conversation_id == reply.conversation_id,
+                UsageRow.day == today,
+            ))
+            if usage is None:
+                usage = UsageRow(platform=reply.platform, user_id=reply.author_id,
+                                 conversation_id=reply.conversation_id, day=today,
+                                 messages=0, prompt_tokens=0, reply_tokens=0)
+                session.add(usage)
+            usage.messages += 1
+            usage.prompt_tokens += reply.prompt_tokens
+            usage.reply_tokens += reply.tokens
+        return _message(row)
+
+    async def history(self, conversation_id: int, after_id: int, before_id: int,
+                      limit: int) -> Sequence[StoredMessage]:
+        async with self._transaction() as session:
+            rows = await session.scalars(
+                select(MessageRow)
+                .where(MessageRow.conversation_id == conversation_id,
+                       MessageRow.id > after_id, MessageRow.id < before_id)
+                .order_by(MessageRow.id.desc())
+                .limit(limit)
+            )
+            return [_message(row) for row in rows]
+
+    async def message(self, message_id: int) -> StoredMessage | None:
+        async with self._transaction() as session:
+            row = await session.get(MessageRow, message_id)
+            return None if row is None else _message(row)
+
+    async def author_exchange(self, conversation_id: int, author_id: str, after_id: int,
+                              before_id: int, since: datetime,
+                              limit: int) -> Sequence[StoredMessage]:
+        # A reply's author_id is the user it answered, so one condition finds both sides.
+        async with self._transaction() as session:
+            rows = await session.scalars(
+                select(MessageRow)
+                .where(MessageRow.conversation_id == conversation_id,
+                       MessageRow.author_id == author_id,
+                       MessageRow.id > after_id, MessageRow.id < before_id,
+                       MessageRow.created_at >= since)
+                .order_by(MessageRow.id.desc())
+                .limit(limit)
+            )
+            return [_message(row) for row in rows]
+
+    async def reset(self, conversation_id: int) -> None:
+        async with self._transaction() as session:
+            newest = await session.scalar(
+                select(func.max(MessageRow.id)).where(MessageRow.conversation_id == conversation_id)
+            )
+            await session.execute(
+                update(ConversationRow)
+                .where(ConversationRow.id == conversation_id)
+                .values(reset_after_id=newest or 0)
+            )
+
+    async def set_persona(self, conversation_id: int, persona: str | None) -> None:
+        async with self._transaction() as session:
+            await session.execute(update(ConversationRow)
+                                  .where(ConversationRow.id == conversation_id)
+                                  .values(persona=persona))
+
+    async def set_generation(self, conversation_id: int, temperature: float | None,
+                             max_reply_tokens: int | None) -> None:
+        async with self._transaction() as session:
+            await session.execute(update(ConversationRow)
+                                  .where(ConversationRow.id == conversation_id)
+                                  .values(temperature=temperature,
+                                          max_reply_tokens=max_reply_tokens))
+
+    async def forget_user(self, platform: str, user_id: str) -> int:
+        async with self._transaction() as session:
+            result = await session.execute(
+                delete(MessageRow).where(MessageRow.platform == platform,
+                                         MessageRow.author_id == user_id)
+            )
+            await session.execute(delete(UsageRow).where(UsageRow.platform == platform,
+                                                         UsageRow.user_id == user_id))
+            await session.execute(delete(UserRow).where(UserRow.platform == platform,
+                                                        UserRow.user_id == user_id))
+            deleted: int = getattr(result, "rowcount", 0) or 0
+        logger.info("forgot %s:%s (%s messages)", platform, user_id, deleted)
+        return deleted
+
+    async def set_blocked(self, platform: str, user_id: str, blocked: bool) -> None:
+        async with self._transaction() as session:
+            row = await session.scalar(
+                select(UserRow).where(UserRow.platform == platform, UserRow.user_id == user_id)
+            )
+            if row is None:
+                session.add(UserRow(platform=platform, user_id=user_id, display_name=user_id,
+                                    blocked=blocked))
+            else:
+                row.blocked = blocked
+
+    async def stats(self) -> Stats:
+        async with self._transaction() as session:
+            conversations = await session.scalar(select(func.count(ConversationRow.id)))
+            users = await session.scalar(select(func.count(UserRow.id)))
+            counts = dict(
+                (await session.execute(
+                    select(MessageRow.role, func.count(MessageRow.id)).group_by(MessageRow.role)
+                )).tuples().all()
+            )
+            prompt_tokens, reply_tokens = (await session.execute(
+                select(func.coalesce(func.sum(UsageRow.prompt_tokens), 0),
+                       func.coalesce(func.sum(UsageRow.reply_tokens), 0))
+            )).tuples().one()
+            latencies = sorted((await session.scalars(
+                select(MessageRow.generation_ms)
+                .where(MessageRow.role == Role.ASSISTANT.value,
+                       MessageRow.generation_ms.is_not(None))
+                .order_by(MessageRow.id.desc())
+                .limit(STATS_LATENCY_SAMPLE)
+            )).all())
+        values = [v for v in latencies if v is not None]
+        return Stats(
+            conversations=conversations or 0,
+            users=users or 0,
+            user_messages=counts.get(Role.USER.value, 0),
+            replies=counts.get(Role.ASSISTANT.value, 0),
+            prompt_tokens=int(prompt_tokens),
+            reply_tokens=int(reply_tokens),
+            latency_ms_p50=_percentile(values, 0.5),
+            latency_ms_p95=_percentile(values, 0.95),
+        )
