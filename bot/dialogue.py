@@ -202,11 +202,11 @@ class DialogueManager:
             # A reply continues its chain: walk the reply links upwards.
             next_id: int | None = stored.reply_to_id
             while next_id is not None and next_id > after:
-                item = await self._store.message(next_id)
-                if item is None or item.conversation_id != conversation.id:
+                linked = await self._store.message(next_id)
+                if linked is None or linked.conversation_id != conversation.id:
                     return
-                yield item
-                next_id = item.reply_to_id
+                yield linked
+                next_id = linked.reply_to_id
         else:
             # A fresh mention starts a chain carrying the author's recent exchange.
             since = message.received_at - timedelta(minutes=self._settings.group_carry_minutes)

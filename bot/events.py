@@ -33,7 +33,8 @@ class IncomingMessage:
     reply_to_bot: bool = False
     thread_id: str | None = None
     author_is_chat_admin: bool = False
-    """The platform says this author administers the chat (Telegram group admin, Discord Manage Server)."""
+    """The platform says this author administers the chat (a Telegram group admin, a Discord
+    member with Manage Server)."""
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property

@@ -60,13 +60,15 @@ def split_first(text: str, limit: int) -> tuple[str, str]:
         if open_fence_at_end(head) is not None:
             return head + "\n" + fence[:3], fence + "\n" + text[cut + 1:]
         return head.rstrip(), text[cut:].lstrip("\n")
-    fence = open_fence_at_end(text[:limit])
-    room = limit - (_CLOSE_ROOM if fence else 0)
+    trailing = open_fence_at_end(text[:limit])
+    room = limit - (_CLOSE_ROOM if trailing else 0)
     space = text.rfind(" ", 0, room + 1)
-    cut = space if space > room // 2 else room
-    head, rest = text[:cut], text[cut:].lstrip(" ") if space > room // 2 else text[cut:]
-    if fence is not None:
-        return head + "\n" + fence[:3], fence + "\n" + rest
+    if space > room // 2:
+        head, rest = text[:space], text[space:].lstrip(" ")
+    else:
+        head, rest = text[:room], text[room:]
+    if trailing is not None:
+        return head + "\n" + trailing[:3], trailing + "\n" + rest
     return head, rest
 
 

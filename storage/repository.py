@@ -278,23 +278,23 @@ class SqlStore:
         async with self._transaction() as session:
             conversations = await session.scalar(select(func.count(ConversationRow.id)))
             users = await session.scalar(select(func.count(UserRow.id)))
-            counts = dict(
-                (await session.execute(
+            counts: dict[str, int] = {
+                role: count for role, count in await session.execute(
                     select(MessageRow.role, func.count(MessageRow.id)).group_by(MessageRow.role)
-                )).tuples().all()
-            )
+                )
+            }
             prompt_tokens, reply_tokens = (await session.execute(
                 select(func.coalesce(func.sum(UsageRow.prompt_tokens), 0),
                        func.coalesce(func.sum(UsageRow.reply_tokens), 0))
-            )).tuples().one()
-            latencies = sorted((await session.scalars(
+            )).one()
+            latencies = list((await session.scalars(
                 select(MessageRow.generation_ms)
                 .where(MessageRow.role == Role.ASSISTANT.value,
                        MessageRow.generation_ms.is_not(None))
                 .order_by(MessageRow.id.desc())
                 .limit(STATS_LATENCY_SAMPLE)
             )).all())
-        values = [v for v in latencies if v is not None]
+        values = sorted(v for v in latencies if v is not None)
         return Stats(
             conversations=conversations or 0,
             users=users or 0,

@@ -78,13 +78,13 @@ def _convert(source: ModelSource, target: Path) -> None:
     print(f"chinwag: converting {source.gguf_file} once to {target} (about 20 s)…",
           file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    hf_logging.enable_progress_bar()
+    hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source.location,
-                                                     gguf_file=source.gguf_file)
+        model: Any = AutoModelForCausalLM.from_pretrained(source.location,
+                                                          gguf_file=source.gguf_file)
     finally:
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     # save_pretrained refuses a model that still says it is GGUF-quantized; the weights
     # are already plain tensors.
     if hasattr(model.config, "quantization_config"):
@@ -122,10 +122,10 @@ def load(model: str, cache_dir: Path, device: str, dtype: Any) -> tuple[Any, Any
 
     source = resolve(model)
     location = local_weights(source, cache_dir)
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        lm = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        lm: Any = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"cannot load model {model!r}: {exc}") from exc
     lm.to(device)

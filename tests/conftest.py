@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.builtin_commands import builtin_commands
+from bot.config import Settings, load_settings
+from bot.dialogue import DialogueManager
+from storage.engine import create_engine
+from storage.migrate import upgrade
+from storage.repository import SqlStore
+from tests.auxil.generators import ScriptedGenerator
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the developer's .env or CHINWAG_* variables."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("CHINWAG_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(data_dir=tmp_path / "data", generator="echo", edit_interval=0.0,
+                         admins="telegram:admin1")
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(settings.database_url)
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def store(engine: AsyncEngine) -> SqlStore:
+    return SqlStore(engine)
+
+
+@pytest.fixture
+def generator() -> ScriptedGenerator:
+    return ScriptedGenerator()
+
+
+@pytest.fixture
+async def manager(store: SqlStore, generator: ScriptedGenerator,
+                  settings: Settings) -> AsyncIterator[DialogueManager]:
+    async with DialogueManager(store=store, generator=generator, settings=settings,
+                               commands=builtin_commands()) as manager:
+        yield manager

@@ -1,0 +1,15 @@
+"""The benchmarks keep running: a short smoke run of each (figures are not asserted here)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_context_bench_prints_its_summary_line() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "context.py"), "--turns", "2"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("per_turn_10=") and " per_turn_100000=" in last and " ratio=" in last

@@ -1,0 +1,75 @@
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bot.config import load_settings
+from bot.errors import ConfigError
+from tests.auxil.process import chinwag
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"CHINWAG_GENERATOR": "gpt9"}, "CHINWAG_GENERATOR"),
+    ({"CHINWAG_MODEL": "/no/such/model"}, "CHINWAG_MODEL"),
+    ({"CHINWAG_DATABASE_URL": "not a url"}, "CHINWAG_DATABASE_URL"),
+    ({"CHINWAG_ADMINS": "telegram"}, "CHINWAG_ADMINS"),
+    ({"CHINWAG_CONTEXT_TOKENS": "lots"}, "CHINWAG_CONTEXT_TOKENS"),
+])
+def test_bad_setting_stops_with_one_clear_line(env: dict[str, str], named: str,
+                                               tmp_path: Path) -> None:
+    result = chinwag("console", env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_settings_come_from_dotenv_and_tokens_stay_secret(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("CHINWAG_TELEGRAM_TOKEN=123:secret-token\n"
+                                   "CHINWAG_ADMINS=telegram:1,discord:2\n")
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert settings.admins == ("telegram:1", "discord:2")
+    assert settings.telegram_token is not None
+    assert settings.telegram_token.get_secret_value() == "123:secret-token"
+    assert "secret-token" not in repr(settings) and "secret-token" not in str(settings)
+
+
+def test_bad_token_value_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(telegram_token=["not", "a", "string"])
+    assert "not" not in str(raised.value).split(":", 1)[1]
+
+
+def test_help_lists_the_commands() -> None:
+    result = chinwag("--help", timeout=60)
+    assert result.returncode == 0
+    for word in ("console", "run", "db"):
+        assert word in result.stdout
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+    result = chinwag("db", "upgrade", env={"CHINWAG_DATA_DIR": str(tmp_path)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    tables = {row[0] for row in sqlite3.connect(tmp_path / "chinwag.db").execute(
+        "select name from sqlite_master where type='table'")}
+    assert {"conversations", "messages", "users", "usage", "alembic_version"} <= tables
+
+
+def test_console_with_piped_input_exits_cleanly_and_remembers(tmp_path: Path) -> None:
+    env = {"CHINWAG_DATA_DIR": str(tmp_path), "CHINWAG_GENERATOR": "echo"}
+    first = chinwag("console", stdin="hello there\n/settings\n", env=env, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[0] == "hello there"
+    assert "temperature = 0.7 (default)" in first.stdout
+    again = chinwag("console", stdin="/stats\n", env=env, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "Messages: 1 from users, 1 replies" in again.stdout
+
+
+def test_run_without_tokens_falls_back_to_the_console(tmp_path: Path) -> None:
+    env = {"CHINWAG_DATA_DIR": str(tmp_path), "CHINWAG_GENERATOR": "echo"}
+    result = chinwag("run", stdin="ping\n", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ping"

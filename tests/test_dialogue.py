@@ -1,0 +1,242 @@
+import asyncio
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.builtin_commands import builtin_commands
+from bot.config import Settings
+from bot.dialogue import EMPTY_NOTE, TRUNCATED_NOTE, DialogueManager
+from bot.generators import ChatMessage
+from storage.models import MessageRow
+from storage.repository import SqlStore
+from tests.auxil.factories import dm, group
+from tests.auxil.generators import ScriptedGenerator
+from tests.auxil.sinks import RecordingSink
+
+
+async def stored_texts(engine: AsyncEngine) -> list[tuple[str, str]]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(select(MessageRow.role, MessageRow.text)
+                                        .order_by(MessageRow.id))
+        return [(role, text) for role, text in rows]
+
+
+async def test_direct_message_round_trip_is_stored(manager: DialogueManager,
+                                                   engine: AsyncEngine) -> None:
+    sink = RecordingSink()
+    await manager.handle(dm("hello bot"), sink)
+    assert sink.texts == ["hello bot"]
+    assert sink.calls[-1].final
+    assert await stored_texts(engine) == [("user", "hello bot"), ("assistant", "hello bot")]
+
+
+async def test_messages_of_one_conversation_are_handled_in_order(
+        manager: DialogueManager, generator: ScriptedGenerator) -> None:
+    sink = RecordingSink()
+    texts = [f"message {n}" for n in range(12)]
+    await asyncio.gather(*(manager.submit(dm(t), sink) for t in texts))
+    assert sink.texts == texts
+    assert generator.max_running == 1
+
+
+async def test_conversations_run_concurrently(manager: DialogueManager,
+                                              generator: ScriptedGenerator) -> None:
+    generator.gate = asyncio.Event()
+    sinks = [RecordingSink() for _ in range(5)]
+    futures = [manager.submit(dm(f"hi {n}", user=f"u{n}"), sinks[n]) for n in range(5)]
+    # All five are generating at once before any is let through.
+    for _ in range(200):
+        if generator.running == 5:
+            break
+        await asyncio.sleep(0.01)
+    assert generator.running == 5
+    generator.gate.set()
+    await asyncio.gather(*futures)
+    assert [s.texts for s in sinks] == [[f"hi {n}"] for n in range(5)]
+    assert manager.active_conversations == 0  # idle conversations leave no state behind
+
+
+async def test_long_reply_continues_in_new_messages_with_code_intact(
+        manager: DialogueManager, generator: ScriptedGenerator) -> None:
+    code = "```python\n" + "\n".join(f"x{i} = {i}" for i in range(12)) + "\n```"
+    body = ("Some words here. " * 20 + "\n\n" + code + "\n\n" + "More words after. " * 20)
+    generator.reply = lambda _messages: body
+    generator.pieces_count = 40
+    sink = RecordingSink(limit=400)
+    await manager.handle(dm("write code"), sink)
+    assert len(sink.texts) >= 2
+    assert all(len(t) <= 400 for t in sink.texts)
+    assert any(code in t for t in sink.texts)  # the block fits in one message: kept whole
+    assert "".join(sink.texts).replace("\n", "").replace(" ", "") == \
+        body.replace("\n", "").replace(" ", "")
+
+
+async def test_group_messages_need_addressing(manager: DialogueManager,
+                                              engine: AsyncEngine) -> None:
+    sink = RecordingSink()
+    await manager.handle(group("just chatting"), sink)
+    assert sink.calls == []
+    assert await stored_texts(engine) == []  # not addressed: not stored either
+    await manager.handle(group("@bot hello", mention=True), sink)
+    assert sink.texts == ["@bot hello"]
+
+
+async def test_reply_chain_is_the_group_context(manager: DialogueManager,
+                                                generator: ScriptedGenerator) -> None:
+    sink = RecordingSink()
+    await manager.handle(group("first question", mention=True, user="u1"), sink)
+    bot_message = list(sink.messages)[-1]
+    await manager.handle(group("unrelated mention", mention=True, user="u2"), sink)
+    await manager.handle(group("follow up", user="u1", reply_to=bot_message,
+                               reply_to_bot=True), sink)
+    chain = [m.content for m in generator.prompts[-1][1:]]
+    assert chain == ["first question", "first question", "follow up"]
+    assert "unrelated mention" not in chain
+
+
+async def test_fresh_mention_carries_the_authors_recent_exchange(
+        manager: DialogueManager, generator: ScriptedGenerator, settings: Settings) -> None:
+    sink = RecordingSink()
+    await manager.handle(group("my earlier question", mention=True, user="u1"), sink)
+    await manager.handle(group("someone else", mention=True, user="u2"), sink)
+    await manager.handle(group("new mention", mention=True, user="u1"), sink)
+    contents = [m.content for m in generator.prompts[-1][1:]]
+    assert contents == ["my earlier question", "my earlier question", "new mention"]
+
+
+async def test_threads_and_chats_keep_their_own_history(manager: DialogueManager,
+                                                        generator: ScriptedGenerator) -> None:
+    sink = RecordingSink()
+    await manager.handle(group("in thread a", mention=True, thread="a"), sink)
+    await manager.handle(group("in thread b", mention=True, thread="b"), sink)
+    assert [m.content for m in generator.prompts[-1][1:]] == ["in thread b"]
+
+
+async def test_history_survives_a_restart_of_the_manager(
+        store: SqlStore, settings: Settings) -> None:
+    first = ScriptedGenerator()
+    async with DialogueManager(store=store, generator=first, settings=settings,
+                               commands=builtin_commands()) as manager:
+        await manager.handle(dm("remember the number 42"), RecordingSink())
+    second = ScriptedGenerator()
+    async with DialogueManager(store=store, generator=second, settings=settings,
+                               commands=builtin_commands()) as manager:
+        await manager.handle(dm("what was the number?"), RecordingSink())
+    contents = [m.content for m in second.prompts[0]]
+    assert contents[1:] == ["remember the number 42", "remember the number 42",
+                            "what was the number?"]
+
+
+async def test_reset_starts_a_fresh_context(manager: DialogueManager,
+                                            generator: ScriptedGenerator) -> None:
+    sink = RecordingSink()
+    await manager.handle(dm("old topic"), sink)
+    await manager.handle(dm("/reset"), sink)
+    await manager.handle(dm("new topic"), sink)
+    assert [m.content for m in generator.prompts[-1][1:]] == ["new topic"]
+
+
+async def test_empty_message_gets_a_note_and_nothing_is_stored(
+        manager: DialogueManager, engine: AsyncEngine) -> None:
+    sink = RecordingSink()
+    await manager.handle(dm("   \n "), sink)
+    assert sink.texts == [EMPTY_NOTE]
+    assert await stored_texts(engine) == []
+
+
+async def test_oversized_message_is_cut_with_a_visible_notice(
+        manager: DialogueManager, generator: ScriptedGenerator, engine: AsyncEngine,
+        settings: Settings) -> None:
+    huge = " ".join(f"w{n}" for n in range(5000))
+    sink = RecordingSink(limit=100_000)
+    await manager.handle(dm(huge), sink)
+    assert sink.texts[0].startswith(TRUNCATED_NOTE)
+    prompt_user = generator.prompts[0][-1].content
+    assert 0 < len(prompt_user) < len(huge)
+    assert (await stored_texts(engine))[0] == ("user", huge)  # stored whole: nothing lost
+
+
+async def test_generator_failure_tells_the_user_and_keeps_their_message(
+        manager: DialogueManager, generator: ScriptedGenerator, engine: AsyncEngine) -> None:
+    generator.fail_after_pieces = 1
+    sink = RecordingSink()
+    await manager.handle(dm("please answer this"), sink)
+    assert "could not finish this reply" in sink.texts[-1]
+    assert await stored_texts(engine) == [("user", "please answer this")]
+    generator.fail_after_pieces = None
+    await manager.handle(dm("and this?"), sink)
+    assert sink.texts[-1] == "and this?"
+
+
+async def test_hanging_generator_times_out(store: SqlStore, settings: Settings,
+                                           engine: AsyncEngine) -> None:
+    hanging = ScriptedGenerator(hang=True)
+    quick = settings.model_copy(update={"generation_timeout": 0.2})
+    async with DialogueManager(store=store, generator=hanging, settings=quick,
+                               commands=builtin_commands()) as manager:
+        sink = RecordingSink()
+        await manager.handle(dm("hello?"), sink)
+    assert "took too long" in sink.texts[-1]
+    assert await stored_texts(engine) == [("user", "hello?")]
+
+
+async def test_a_message_seen_before_is_not_answered_twice(manager: DialogueManager) -> None:
+    sink = RecordingSink()
+    await manager.handle(dm("hello", message_id="same"), sink)
+    await manager.handle(dm("hello", message_id="same"), sink)
+    assert sink.texts == ["hello"]
+
+
+async def test_edits_are_throttled(store: SqlStore, settings: Settings) -> None:
+    now = [0.0]
+    generator = ScriptedGenerator(pieces_count=10)
+    slow = settings.model_copy(update={"edit_interval": 1.0})
+
+    def reply(_messages: Sequence[ChatMessage]) -> str:
+        return "abcdefghij"
+
+    generator.reply = reply
+    original = generator.stream
+
+    async def ticking(messages: Sequence[ChatMessage], params: object):  # type: ignore[no-untyped-def]
+        async for piece in original(messages, params):  # type: ignore[arg-type]
+            now[0] += 0.25  # four pieces a second
+            yield piece
+
+    generator.stream = ticking  # type: ignore[method-assign]
+    async with DialogueManager(store=store, generator=generator, settings=slow,
+                               commands=builtin_commands(), clock=lambda: now[0]) as manager:
+        sink = RecordingSink()
+        await manager.handle(dm("go"), sink)
+    updates = [c for c in sink.calls if c.kind in {"send", "edit"}]
+    assert len(updates) == 4  # first piece, one edit per second of 2.5 s, the final edit
+    assert updates[-1].final and sink.texts == ["abcdefghij"]
+
+
+async def test_failed_streaming_edits_do_not_lose_the_reply(manager: DialogueManager,
+                                                            generator: ScriptedGenerator) -> None:
+    generator.pieces_count = 6
+    sink = RecordingSink(fail_edits=True)
+    await manager.handle(dm("a reply that is streamed in six pieces"), sink)
+    assert sink.texts == ["a reply that is streamed in six pieces"]
+
+
+async def test_shutdown_ends_an_in_flight_reply_with_a_note(
+        store: SqlStore, settings: Settings, engine: AsyncEngine) -> None:
+    generator = ScriptedGenerator(hang=True)
+    manager = DialogueManager(store=store, generator=generator, settings=settings,
+                              commands=builtin_commands(), shutdown_grace=0.1)
+    sink = RecordingSink()
+    future = manager.submit(dm("long question"), sink)
+    for _ in range(500):
+        if generator.running:
+            break
+        await asyncio.sleep(0.01)
+    await manager.close()
+    await asyncio.wait_for(future, 1)  # the adapter waiting on it is released
+    assert "restarting" in sink.texts[-1]
+    assert await stored_texts(engine) == [("user", "long question")]
+    # After close, new messages are not taken.
+    await manager.handle(dm("too late"), sink)
+    assert "too late" not in sink.text

@@ -1,0 +1,101 @@
+"""The real built-in model: token counting, streaming off the loop, and the terminal chat."""
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from bot.config import BUILTIN_MODEL
+from bot.generators import ChatMessage, GenerationParams
+from bot.generators.huggingface import TransformersGenerator
+from tests.auxil.process import chinwag
+
+pytestmark = pytest.mark.model
+
+QUESTION = "What is the capital of France?"
+
+
+CACHE = Path("~/.cache/chinwag").expanduser()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def model() -> AsyncIterator[TransformersGenerator]:
+    # The conversion cache is shared with the user's own runs: converting takes ~20 s.
+    async with TransformersGenerator(BUILTIN_MODEL, CACHE, "cpu") as generator:
+        yield generator
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_token_counts_add_up_to_the_real_prompt(model: TransformersGenerator) -> None:
+    messages = [ChatMessage("system", "You are a helpful assistant."),
+                ChatMessage("user", "Hi there, how are you?"),
+                ChatMessage("assistant", "I'm fine, thanks. And you?"),
+                ChatMessage("user", QUESTION)]
+    counted = sum(model.count_tokens(m.role, m.content) for m in messages)
+    tokenizer = model._tokenizer
+    real = len(tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    assert abs(counted + model.prompt_overhead - real) <= 2, (counted, real)
+    assert model.context_window == 8192
+    assert model.truncate("one two three four five six", 3) != "one two three four five six"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_generation_streams_without_blocking_the_loop(
+        model: TransformersGenerator) -> None:
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    pieces = [piece async for piece in model.stream(
+        [ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", QUESTION)],
+        GenerationParams(max_new_tokens=24, temperature=0.0))]
+    stop.set()
+    await task
+    assert len(pieces) > 3
+    assert "Paris" in "".join(pieces)
+    assert max(gaps) < 0.5, max(gaps)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_closing_the_stream_early_stops_generation(model: TransformersGenerator) -> None:
+    params = GenerationParams(max_new_tokens=400, temperature=0.0)
+    messages = [ChatMessage("user", "Write a long story about a dragon.")]
+    started = time.monotonic()
+    stream = model.stream(messages, params)
+    async for _piece in stream:
+        break
+    await stream.aclose()  # type: ignore[attr-defined]
+    # The worker stops at the next token, so the next request is not stuck behind 400.
+    pieces = [p async for p in model.stream([ChatMessage("user", "Say hi.")],
+                                            GenerationParams(max_new_tokens=5, temperature=0.0))]
+    assert pieces
+    assert time.monotonic() - started < 30
+
+
+def test_terminal_chat_answers_and_remembers(tmp_path: Path) -> None:
+    env = {"CHINWAG_DATA_DIR": str(tmp_path), "CHINWAG_TEMPERATURE": "0",
+           "CHINWAG_MAX_REPLY_TOKENS": "64"}
+    first = chinwag("console", stdin=QUESTION + "\n", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "Paris" in first.stdout
+    again = chinwag("console", stdin="/stats\n", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "Messages: 1 from users, 1 replies" in again.stdout
+    rows = sqlite3.connect(tmp_path / "chinwag.db").execute(
+        "select role, text, tokens from messages order by id").fetchall()
+    assert rows[0][:2] == ("user", QUESTION)
+    assert rows[1][0] == "assistant" and "Paris" in rows[1][1] and rows[1][2] > 0

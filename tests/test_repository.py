@@ -1,0 +1,133 @@
+from datetime import UTC, datetime, timedelta
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.store import NewReply, NewUserMessage, Role
+from storage.migrate import head_revision, upgrade
+from storage.models import Base, MessageRow, PlatformMessageRow, UsageRow, UserRow
+from storage.repository import SqlStore
+
+
+def user_message(conversation_id: int, platform_id: str, text: str = "hello", *,
+                 author: str = "u1", reply_to: str | None = None) -> NewUserMessage:
+    return NewUserMessage(conversation_id=conversation_id, platform="telegram", author_id=author,
+                          author_name="User", platform_message_id=platform_id, text=text,
+                          tokens=len(text.split()), reply_to_platform_id=reply_to)
+
+
+def reply(conversation_id: int, to: int, ids: list[str], text: str = "hi there", *,
+          author: str = "u1") -> NewReply:
+    return NewReply(conversation_id=conversation_id, reply_to_id=to, platform="telegram",
+                    author_id=author, text=text, tokens=2, prompt_tokens=10,
+                    generation_ms=120, platform_message_ids=ids)
+
+
+async def test_migrations_match_the_models(engine: AsyncEngine) -> None:
+    def diff(connection: Connection) -> list[object]:
+        return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+
+    async with engine.connect() as connection:
+        assert await connection.run_sync(diff) == []
+    assert await upgrade(engine) == head_revision()  # running it again is a no-op
+
+
+async def test_sqlite_runs_in_wal_with_foreign_keys(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        assert (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+        assert (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+
+
+async def test_conversation_is_created_once(store: SqlStore) -> None:
+    first = await store.conversation("telegram:42:7")
+    again = await store.conversation("telegram:42:7")
+    assert first == again and first.reset_after_id == 0
+
+
+async def test_duplicate_platform_message_is_not_stored_twice(store: SqlStore) -> None:
+    conversation = await store.conversation("telegram:1")
+    assert await store.add_user_message(user_message(conversation.id, "p1")) is not None
+    assert await store.add_user_message(user_message(conversation.id, "p1")) is None
+
+
+async def test_reply_links_and_usage(store: SqlStore, engine: AsyncEngine) -> None:
+    conversation = await store.conversation("telegram:1")
+    question = await store.add_user_message(user_message(conversation.id, "p1"))
+    assert question is not None
+    answer = await store.add_reply(reply(conversation.id, question.id, ["b1", "b2"]))
+    assert answer.reply_to_id == question.id and answer.role is Role.ASSISTANT
+    # A user replying to the second part of a long reply is linked to the reply.
+    follow_up = await store.add_user_message(user_message(conversation.id, "p2", reply_to="b2"))
+    assert follow_up is not None and follow_up.reply_to_id == answer.id
+    async with engine.connect() as connection:
+        usage = (await connection.execute(select(UsageRow))).one()
+    assert (usage.messages, usage.prompt_tokens, usage.reply_tokens) == (1, 10, 2)
+
+
+async def test_history_pages_newest_first_and_respects_reset(store: SqlStore) -> None:
+    conversation = await store.conversation("telegram:1")
+    ids = []
+    for n in range(10):
+        stored = await store.add_user_message(user_message(conversation.id, f"p{n}", f"t{n}"))
+        assert stored is not None
+        ids.append(stored.id)
+    page = await store.history(conversation.id, 0, ids[-1], 4)
+    assert [m.text for m in page] == ["t8", "t7", "t6", "t5"]
+    await store.reset(conversation.id)
+    conversation = await store.conversation("telegram:1")
+    assert conversation.reset_after_id == ids[-1]
+    assert await store.history(conversation.id, conversation.reset_after_id, 10**9, 10) == []
+
+
+async def test_author_exchange_finds_both_sides_within_the_window(store: SqlStore) -> None:
+    conversation = await store.conversation("telegram:g")
+    mine = await store.add_user_message(user_message(conversation.id, "p1", "mine"))
+    other = await store.add_user_message(user_message(conversation.id, "p2", "theirs",
+                                                      author="u2"))
+    assert mine is not None and other is not None
+    await store.add_reply(reply(conversation.id, mine.id, ["b1"], "to mine"))
+    await store.add_reply(reply(conversation.id, other.id, ["b2"], "to theirs", author="u2"))
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    found = await store.author_exchange(conversation.id, "u1", 0, 10**9, since, 10)
+    assert [m.text for m in found] == ["to mine", "mine"]
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    assert await store.author_exchange(conversation.id, "u1", 0, 10**9, later, 10) == []
+
+
+async def test_forget_deletes_every_row_about_the_user(store: SqlStore,
+                                                       engine: AsyncEngine) -> None:
+    conversation = await store.conversation("telegram:1")
+    mine = await store.add_user_message(user_message(conversation.id, "p1", "secret"))
+    theirs = await store.add_user_message(user_message(conversation.id, "p2", "hi", author="u2"))
+    assert mine is not None and theirs is not None
+    await store.touch_user("telegram", "u1", "One")
+    await store.touch_user("telegram", "u2", "Two")
+    await store.add_reply(reply(conversation.id, mine.id, ["b1"], "about your secret"))
+    assert await store.forget_user("telegram", "u1") == 2
+    async with engine.connect() as connection:
+        texts = (await connection.execute(select(MessageRow.text))).scalars().all()
+        users = (await connection.execute(select(UserRow.user_id))).scalars().all()
+        usage = (await connection.execute(select(func.count()).select_from(UsageRow))).scalar()
+        links = (await connection.execute(
+            select(PlatformMessageRow.platform_message_id))).scalars().all()
+    assert texts == ["hi"]
+    assert users == ["u2"]
+    assert usage == 0
+    assert links == ["p2"]
+
+
+async def test_block_and_stats(store: SqlStore) -> None:
+    assert await store.touch_user("telegram", "u1", "One") is False
+    await store.set_blocked("telegram", "u1", True)
+    assert await store.touch_user("telegram", "u1", "One") is True
+    await store.set_blocked("telegram", "u1", False)
+    assert await store.touch_user("telegram", "u1", "One") is False
+    conversation = await store.conversation("telegram:1")
+    question = await store.add_user_message(user_message(conversation.id, "p1"))
+    assert question is not None
+    await store.add_reply(reply(conversation.id, question.id, ["b1"]))
+    stats = await store.stats()
+    assert (stats.conversations, stats.users, stats.user_messages, stats.replies) == (1, 1, 1, 1)
+    assert stats.latency_ms_p50 == 120.0

@@ -1,0 +1,54 @@
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bot.splitting import split_text
+
+FENCE = re.compile(r"^ {0,3}```", re.MULTILINE)
+
+
+def normalized(text: str) -> str:
+    return re.sub(r"\s+", "", re.sub(r"```\w*", "", text))
+
+
+def test_short_text_is_one_part() -> None:
+    assert split_text("hello", 100) == ["hello"]
+
+
+def test_prefers_paragraph_breaks() -> None:
+    text = "first paragraph " * 5 + "\n\n" + "second paragraph " * 5
+    parts = split_text(text, 120)
+    assert parts[0] == ("first paragraph " * 5).rstrip()
+    assert parts[1].startswith("second")
+
+
+def test_code_block_is_kept_whole_when_it_fits() -> None:
+    code = "```python\n" + "\n".join(f"print({i})" for i in range(8)) + "\n```"
+    text = "intro " * 30 + "\n" + code + "\n\nafter"
+    parts = split_text(text, 200)
+    assert all(len(p) <= 200 for p in parts)
+    assert any(code in p for p in parts), parts
+
+
+def test_huge_code_block_is_closed_and_reopened() -> None:
+    code = "```python\n" + "\n".join(f"value_{i} = {i}" for i in range(200)) + "\n```"
+    parts = split_text("Here:\n\n" + code, 300)
+    assert len(parts) > 3
+    for part in parts:
+        assert len(part) <= 300
+        assert len(FENCE.findall(part)) % 2 == 0, part  # every part's fences are balanced
+    assert all(p.startswith("```python") for p in parts[1:])
+    assert normalized("".join(parts)) == normalized("Here:" + code)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "word ", " ", "`", "\n", "#", "```", "```py\n",
+                                  "\n\n", "x" * 30]), max_size=400).map("".join),
+       st.integers(min_value=40, max_value=500))
+def test_no_part_too_long_and_nothing_lost(text: str, limit: int) -> None:
+    parts = split_text(text, limit)
+    assert all(len(p) <= limit for p in parts)
+    joined = "".join(parts)
+    # Only whitespace at cuts and the fences added to close/reopen a block may differ.
+    assert normalized(joined) == normalized(text)
