@@ -22,17 +22,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import insert  # noqa: E402
+from sqlalchemy import insert
 
-from bot.builtin_commands import builtin_commands  # noqa: E402
-from bot.config import load_settings  # noqa: E402
-from bot.dialogue import DialogueManager  # noqa: E402
-from bot.events import IncomingMessage  # noqa: E402
-from bot.generators.echo import EchoGenerator  # noqa: E402
-from storage.engine import create_engine  # noqa: E402
-from storage.migrate import upgrade  # noqa: E402
-from storage.models import MessageRow  # noqa: E402
-from storage.repository import SqlStore  # noqa: E402
+from bot.builtin_commands import builtin_commands
+from bot.config import load_settings
+from bot.dialogue import DialogueManager
+from bot.events import IncomingMessage
+from bot.generators.echo import EchoGenerator
+from storage.engine import create_engine
+from storage.migrate import upgrade
+from storage.models import MessageRow
+from storage.repository import SqlStore
 
 SIZES = (10, 100_000)
 WORDS = " ".join(f"word{n}" for n in range(146))  # 150 tokens with the echo generator

@@ -44,6 +44,13 @@ def split_first(text: str, limit: int) -> tuple[str, str]:
         return text, ""
     if limit < 16:
         raise ValueError("limit too small to split sensibly")
+    head, rest = _preferred_cut(text, limit)
+    if len(rest) >= len(text):  # reopening a long fence would undo the cut: cut plainly
+        return text[:limit], text[limit:]
+    return head, rest
+
+
+def _preferred_cut(text: str, limit: int) -> tuple[str, str]:
     window = _fence_states(text[: limit + 1])
     outside_breaks = [pos for pos, fence in window if fence is None and 0 < pos <= limit]
     paragraph = [pos for pos in outside_breaks if text[pos:pos + 2] == "\n\n"]
@@ -52,8 +59,9 @@ def split_first(text: str, limit: int) -> tuple[str, str]:
         if paragraph and paragraph[-1] >= cut // 2:
             cut = paragraph[-1]
         return text[:cut].rstrip(), text[cut:].lstrip("\n")
-    inside = [(pos, fence) for pos, fence in window if fence is not None
-              and 0 < pos <= limit - _CLOSE_ROOM]
+    # Inside a block, only after at least one line of its content (not right after the fence).
+    inside = [(pos, fence) for (pos, fence), (_, before) in zip(window[1:], window, strict=False)
+              if fence is not None and before == fence and 0 < pos <= limit - _CLOSE_ROOM]
     if inside:
         cut, fence = inside[-1]
         head = text[:cut]
