@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -55,6 +56,8 @@ async def open_chinwag(settings: Settings,
 
 
 async def console(settings: Settings) -> None:
+    if sys.stdin.isatty() and settings.generator == "transformers":
+        print("chinwag: loading the model…", file=sys.stderr, flush=True)
     async with open_chinwag(settings) as manager:
         await run_console(manager)
 
