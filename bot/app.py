@@ -62,15 +62,23 @@ async def console(settings: Settings) -> None:
         await run_console(manager)
 
 
+async def _serve_telegram(settings: Settings, manager: DialogueManager) -> None:
+    from adapters.telegram import TelegramAdapter
+
+    assert settings.telegram_token is not None
+    async with TelegramAdapter(settings.telegram_token.get_secret_value(), manager,
+                               builtin_commands(), api_url=settings.telegram_api_url):
+        await asyncio.Event().wait()  # until cancelled by a signal
+
+
 async def run(settings: Settings) -> None:
     """Start every adapter whose token is set; the console when none is."""
-    pending = [name for name, token in (("Telegram", settings.telegram_token),
-                                        ("Discord", settings.discord_token)) if token]
-    for name in pending:
-        logger.error("%s support is not part of this version yet; its token is ignored", name)
+    if settings.discord_token:
+        logger.error("Discord support is not part of this version yet; its token is ignored")
     loop = asyncio.get_running_loop()
     async with open_chinwag(settings) as manager:
-        task = asyncio.create_task(run_console(manager))
+        task = asyncio.create_task(_serve_telegram(settings, manager)
+                                   if settings.telegram_token else run_console(manager))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
         try:

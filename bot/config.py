@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     generation_timeout: float = Field(300.0, gt=0.0)
     telegram_token: SecretStr | None = None
     discord_token: SecretStr | None = None
+    telegram_api_url: str = "https://api.telegram.org"
+    """The Bot API server's root; the bot calls ``<root>/bot<token>/<method>``."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("admins", mode="before")
