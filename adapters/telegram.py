@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
-from telegram import BotCommand, Message, ReplyParameters, Update
+from telegram import Bot, BotCommand, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType, MessageEntityType, MessageLimit
 from telegram.error import InvalidToken, RetryAfter, TelegramError
-from telegram.ext import Application, ApplicationBuilder, ContextTypes, MessageHandler, filters
+from telegram.ext import ApplicationBuilder, ContextTypes, MessageHandler, filters
 
 from bot.commands import CommandRegistry
 from bot.dialogue import DialogueManager
@@ -24,8 +25,8 @@ from bot.events import IncomingMessage
 logger = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
-DEFAULT_API_URL = "https://api.telegram.org"
 MAX_RETRIES = 3
+T = TypeVar("T")
 
 
 def normalize(message: Message, bot_id: int, bot_username: str) -> IncomingMessage | None:
@@ -43,11 +44,11 @@ def normalize(message: Message, bot_id: int, bot_username: str) -> IncomingMessa
         elif entity.type == MessageEntityType.TEXT_MENTION and entity.user is not None:
             mentions_bot = mentions_bot or entity.user.id == bot_id
         elif entity.type == MessageEntityType.BOT_COMMAND and entity.offset == 0:
-            _, _, target = chunk.partition("@")
+            command, _, target = chunk.partition("@")
             if target and target.lower() != bot_username.lower():
                 return None  # /cmd@otherbot
             if target:
-                text = chunk.partition("@")[0] + text[entity.length:]
+                text = command + text[entity.length:]
     if mentions_bot:
         text = " ".join(part for part in text.split(" ") if part.lower() != handle)
     reply = message.reply_to_message
@@ -70,9 +71,9 @@ def normalize(message: Message, bot_id: int, bot_username: str) -> IncomingMessa
 class TelegramSink:
     """Replies in one chat (and topic); in groups, threaded to the message it answers."""
 
-    def __init__(self, application: Application, chat_id: int, thread_id: int | None,  # type: ignore[type-arg]
+    def __init__(self, bot: Bot, chat_id: int, thread_id: int | None,
                  reply_to: int | None) -> None:
-        self._bot = application.bot
+        self._bot = bot
         self._chat_id = chat_id
         self._thread_id = thread_id
         self._reply_to = reply_to
@@ -81,10 +82,10 @@ class TelegramSink:
     def max_message_length(self) -> int:
         return int(MessageLimit.MAX_TEXT_LENGTH)
 
-    async def _call(self, what: str, call: object) -> object:
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         for attempt in range(MAX_RETRIES + 1):
             try:
-                return await call()  # type: ignore[operator]
+                return await call()
             except RetryAfter as exc:
                 if attempt == MAX_RETRIES:
                     raise DeliveryError(f"{what}: flood control") from exc
@@ -102,7 +103,6 @@ class TelegramSink:
             if self._reply_to else None
         sent = await self._call("sendMessage", lambda: self._bot.send_message(
             self._chat_id, text, message_thread_id=self._thread_id, reply_parameters=reply))
-        assert isinstance(sent, Message)
         self._reply_to = None  # continuation messages follow the first part
         return str(sent.message_id)
 
@@ -117,7 +117,7 @@ class TelegramSink:
 
 class TelegramAdapter:
     def __init__(self, token: str, manager: DialogueManager, commands: CommandRegistry,
-                 api_url: str = DEFAULT_API_URL, poll_timeout: int = 10) -> None:
+                 api_url: str, poll_timeout: int = 10) -> None:
         self._manager = manager
         self._commands = commands
         self._poll_timeout = poll_timeout
@@ -159,7 +159,7 @@ class TelegramAdapter:
         incoming = normalize(message, bot.id, bot.username)
         if incoming is None:
             return
-        sink = TelegramSink(self._app, message.chat.id,
+        sink = TelegramSink(bot, message.chat.id,
                             message.message_thread_id if incoming.thread_id else None,
                             None if incoming.is_direct else message.message_id)
         # submit() queues before its first await, so updates keep their order per chat.
