@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -58,33 +59,55 @@ async def open_chinwag(settings: Settings,
 async def console(settings: Settings) -> None:
     if sys.stdin.isatty() and settings.generator == "transformers":
         print("chinwag: loading the model…", file=sys.stderr, flush=True)
+    await console_session(settings)
+
+
+async def run(settings: Settings) -> None:
+    """Serve every platform whose token is set (the console when none is) until SIGTERM or
+    SIGINT. Stopping goes in this order: take no more messages, let in-flight replies
+    finish within the grace period, then close the platform clients and the database."""
+    if settings.discord_token:
+        logger.error("Discord support is not part of this version yet; its token is ignored")
+    if not settings.telegram_token:
+        chatting = asyncio.create_task(console_session(settings))
+        if await _run_until_signal(chatting):
+            chatting.cancel()  # the manager still lets a running reply finish
+            with contextlib.suppress(asyncio.CancelledError):
+                await chatting
+        chatting.result()
+        return
+    from adapters.telegram import TelegramAdapter
+
+    async with open_chinwag(settings) as manager, TelegramAdapter(
+        settings.telegram_token.get_secret_value(), manager, builtin_commands(),
+        api_url=settings.telegram_api_url,
+    ) as telegram:
+        serving = asyncio.create_task(telegram.serve())
+        stopped = await _run_until_signal(serving)
+        await telegram.stop_receiving()
+        await manager.close()
+        if not stopped:
+            serving.result()  # a fatal platform error (a revoked token) ends the run
+
+
+async def console_session(settings: Settings) -> None:
     async with open_chinwag(settings) as manager:
         await run_console(manager)
 
 
-async def _serve_telegram(settings: Settings, manager: DialogueManager) -> None:
-    from adapters.telegram import TelegramAdapter
-
-    assert settings.telegram_token is not None
-    async with TelegramAdapter(settings.telegram_token.get_secret_value(), manager,
-                               builtin_commands(), api_url=settings.telegram_api_url):
-        await asyncio.Event().wait()  # until cancelled by a signal
-
-
-async def run(settings: Settings) -> None:
-    """Start every adapter whose token is set; the console when none is."""
-    if settings.discord_token:
-        logger.error("Discord support is not part of this version yet; its token is ignored")
+async def _run_until_signal(task: asyncio.Task[None]) -> bool:
+    """Wait for the task or a stop signal; returns whether a signal came first."""
     loop = asyncio.get_running_loop()
-    async with open_chinwag(settings) as manager:
-        task = asyncio.create_task(_serve_telegram(settings, manager)
-                                   if settings.telegram_token else run_console(manager))
+    signalled = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled.set)
+    waiter = asyncio.create_task(signalled.wait())
+    try:
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            logger.info("stopping on signal")
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)
+    if signalled.is_set():
+        logger.info("stopping on signal")
+    return signalled.is_set()

@@ -127,8 +127,13 @@ def parse_arguments(command: Command, text: str) -> dict[str, str]:
     return values
 
 
+def needs_admin(command: Command, message: IncomingMessage) -> bool:
+    """Whether running this command here depends on the author being an admin."""
+    if command.access is Access.EVERYONE:
+        return False
+    return not (command.access is Access.ADMIN_IN_GROUPS and message.is_direct)
+
+
 def may_run(command: Command, message: IncomingMessage, is_admin: bool) -> bool:
     """The one place where command access is decided."""
-    if command.access is Access.EVERYONE or is_admin:
-        return True
-    return command.access is Access.ADMIN_IN_GROUPS and message.is_direct
+    return is_admin or not needs_admin(command, message)

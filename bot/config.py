@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     group_carry_minutes: float = Field(10.0, ge=0.0)
     """A fresh mention in a group carries the author's exchange with the bot from this window."""
     generation_timeout: float = Field(300.0, gt=0.0)
+    resume_minutes: float = Field(60.0, ge=0.0)
+    """At start, messages accepted but left unanswered by a stop within this many minutes
+    are answered; older ones are left (an answer days late helps nobody)."""
     telegram_token: SecretStr | None = None
     discord_token: SecretStr | None = None
     telegram_api_url: str = "https://api.telegram.org"

@@ -1,53 +1,81 @@
 """The dialogue manager: the single async entry point every platform adapter calls.
 
-Messages of one conversation are handled one at a time, in the order they were submitted;
-different conversations run concurrently. Per-conversation state lives only while the
-conversation has messages waiting, so idle conversations cost nothing.
+Each message goes through two stages. **Intake** is quick and runs in arrival order per
+conversation: addressing, blocked users, commands, and storing the message. When intake is
+done the message is *accepted*: it is safe for an adapter to acknowledge it to its platform.
+**Answering** generates replies one at a time per conversation, in order, while different
+conversations run concurrently. Per-conversation state lives only while a conversation has
+work in progress, so idle conversations cost nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
+from bot.answering import Question, Responder
 from bot.commands import (
     CommandCall,
     CommandContext,
     CommandRegistry,
     may_run,
+    needs_admin,
     parse_arguments,
     parse_call,
 )
 from bot.config import Settings
-from bot.errors import ChinwagError, CommandError, DeliveryError, GenerationError
+from bot.errors import CommandError, DeliveryError
 from bot.events import IncomingMessage, ReplySink
-from bot.generators import GenerationParams, Generator
-from bot.prompt import Budget, Prompt, build_prompt, history_room
-from bot.store import Conversation, NewReply, NewUserMessage, Store, StoredMessage
+from bot.generators import Generator as TextGenerator
+from bot.store import Conversation, NewUserMessage, PendingMessage, State, Store
 from bot.streaming import ReplyStream
 
 logger = logging.getLogger(__name__)
 
-HISTORY_PAGE = 64
-TYPING_EVERY_S = 4.0
-SHUTDOWN_NOTE = "(Interrupted: I am restarting. Please ask again in a moment.)"
 EMPTY_NOTE = "Your message was empty: send me some text."
-TRUNCATED_NOTE = ("(Your message was too long for my context window, so I read only its "
-                  "beginning.)")
-FAILED_NOTE = "Sorry, I could not finish this reply ({reason}). Please try again."
+UNSUPPORTED_NOTE = "I can only read text for now, so I cannot see that {what}."
+INTAKE_FAILED_NOTE = "Sorry, I could not take your message just now. Please send it again."
+PENDING_LIMIT = 1000
 
-_Job = tuple[IncomingMessage, ReplySink, "asyncio.Future[None]"]
+AdminCheck = Callable[[], Awaitable[bool]]
+"""Asks the platform whether the author administers the chat; called only when a command
+needs to know."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """What ``submit`` hands back. Await it for the message to be fully handled."""
+
+    accepted: asyncio.Future[bool]
+    """True once the message is stored (or needs no storing): the adapter may acknowledge it.
+    False when it was not taken (shutting down): leave it for the platform to redeliver."""
+    done: asyncio.Future[None]
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self.done.__await__()
+
+
+@dataclass
+class _Lane:
+    """One conversation's work in progress."""
+
+    intake: asyncio.Task[None] | None = None
+    """The newest intake; each waits for the one before it."""
+    answers: deque[tuple[Question, ReplySink, Ticket]] = field(default_factory=deque)
+    worker: asyncio.Task[None] | None = None
+    in_flight: set[str] = field(default_factory=set)
+    """Platform ids of messages queued or being answered (a redelivery must not repeat)."""
 
 
 class DialogueManager:
-    def __init__(self, *, store: Store, generator: Generator, settings: Settings,
+    def __init__(self, *, store: Store, generator: TextGenerator, settings: Settings,
                  commands: CommandRegistry, clock: Callable[[], float] = time.monotonic,
                  shutdown_grace: float = 10.0) -> None:
         self._store = store
@@ -56,8 +84,9 @@ class DialogueManager:
         self._commands = commands
         self._clock = clock
         self._grace = shutdown_grace
-        self._queues: dict[str, deque[_Job]] = {}
-        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._responder = Responder(store=store, generator=generator, settings=settings,
+                                    clock=clock)
+        self._lanes: dict[str, _Lane] = {}
         self._closing = False
 
     async def __aenter__(self) -> Self:
@@ -69,97 +98,145 @@ class DialogueManager:
 
     @property
     def active_conversations(self) -> int:
-        return len(self._workers)
+        return len(self._lanes)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     async def close(self) -> None:
-        """Stop taking messages; let running replies finish within the grace period."""
+        """Stop taking messages; let running work finish within the grace period, then end
+        in-flight replies with a note (their messages stay pending for the next start)."""
         self._closing = True
-        workers = list(self._workers.values())
-        if not workers:
+        tasks = [task for lane in self._lanes.values()
+                 for task in (lane.intake, lane.worker) if task is not None]
+        if not tasks:
             return
-        _done, pending = await asyncio.wait(workers, timeout=self._grace)
+        _done, pending = await asyncio.wait(tasks, timeout=self._grace)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    def submit(self, message: IncomingMessage, sink: ReplySink) -> asyncio.Future[None]:
-        """Queue a message; the future completes when it has been handled.
-
-        Queuing happens before this returns, so submission order is handling order.
-        """
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._closing:
-            future.set_result(None)
-            logger.info("%s: not taking message %s, shutting down", message.conversation_key,
-                        message.message_id)
-            return future
+    def submit(self, message: IncomingMessage, sink: ReplySink, *,
+               chat_admin: AdminCheck | None = None) -> Ticket:
+        """Queue a message. Queuing happens before this returns, so submission order is
+        handling order within a conversation."""
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(loop.create_future(), loop.create_future())
         key = message.conversation_key
-        self._queues.setdefault(key, deque()).append((message, sink, future))
-        if key not in self._workers:
-            self._workers[key] = asyncio.create_task(self._drain(key), name=f"chinwag:{key}")
-        return future
+        if self._closing:
+            logger.info("%s: not taking message %s, shutting down", key, message.message_id)
+            ticket.accepted.set_result(False)
+            ticket.done.set_result(None)
+            return ticket
+        lane = self._lanes.setdefault(key, _Lane())
+        lane.intake = asyncio.create_task(
+            self._intake(key, lane, lane.intake, message, sink, chat_admin, ticket),
+            name=f"chinwag:intake:{key}")
+        return ticket
 
     async def handle(self, message: IncomingMessage, sink: ReplySink) -> None:
         await self.submit(message, sink)
 
-    async def _drain(self, key: str) -> None:
-        queue = self._queues[key]
-        try:
-            while queue:
-                message, sink, future = queue.popleft()
-                try:
-                    await self._process(message, sink)
-                except Exception:
-                    # The core's top-level handler: one bad message never stops the others.
-                    logger.exception("%s: message %s failed", key, message.message_id)
-                finally:
-                    if not future.done():
-                        future.set_result(None)
-        finally:
-            for _message, _sink, future in queue:
-                if not future.done():
-                    future.cancel()
-            self._workers.pop(key, None)
-            self._queues.pop(key, None)
+    async def pending(self, platform: str) -> Sequence[PendingMessage]:
+        """Messages of a platform accepted but not answered (the process stopped first),
+        within ``CHINWAG_RESUME_MINUTES``; an adapter resubmits them at start."""
+        since = datetime.now(UTC) - timedelta(minutes=self._settings.resume_minutes)
+        return await self._store.pending(platform, since, PENDING_LIMIT)
 
-    async def _process(self, message: IncomingMessage, sink: ReplySink) -> None:
-        key = message.conversation_key
+    # Intake.
+
+    async def _intake(self, key: str, lane: _Lane, previous: asyncio.Task[None] | None,
+                      message: IncomingMessage, sink: ReplySink, chat_admin: AdminCheck | None,
+                      ticket: Ticket) -> None:
+        queued = False
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])
+            try:
+                outcome = await self._decide(key, lane, message, chat_admin)
+            except Exception:
+                # The core's top-level handler: one bad message never stops the others.
+                logger.exception("%s: could not take message %s", key, message.message_id)
+                outcome = INTAKE_FAILED_NOTE
+            _settle(ticket.accepted, True)
+            if isinstance(outcome, Question):
+                lane.in_flight.add(message.message_id)
+                lane.answers.append((outcome, sink, ticket))
+                queued = True
+                if lane.worker is None:
+                    lane.worker = asyncio.create_task(self._answer_all(key, lane),
+                                                      name=f"chinwag:answer:{key}")
+                return
+            if outcome is not None:
+                await self._say(sink, outcome, key)
+        except DeliveryError as exc:
+            logger.warning("%s: could not deliver a note for %s: %s", key, message.message_id,
+                           exc)
+        finally:
+            _settle(ticket.accepted, False)
+            if not queued:
+                _resolve(ticket)
+            if lane.intake is asyncio.current_task() and lane.worker is None:
+                self._drop(key, lane)
+
+    async def _decide(self, key: str, lane: _Lane, message: IncomingMessage,
+                      chat_admin: AdminCheck | None) -> Question | str | None:
+        """What to do with a message: answer it, say something, or nothing."""
         text = message.text.strip()
         call = parse_call(text)
         if call is None and not message.addressed_to_bot:
-            return
+            return None
         if await self._store.touch_user(message.platform, message.author_id,
                                         message.author_name):
             logger.info("%s: ignored message %s from blocked user %s", key,
                         message.message_id, message.user_key)
-            return
+            return None
         conversation = await self._store.conversation(key)
         if call is not None:
-            await self._run_command(call, message, conversation, sink)
-            return
+            return await self._run_command(call, message, conversation, chat_admin)
         if not text:
-            await self._say(sink, EMPTY_NOTE, key)
-            return
-        await self._reply(message, text, conversation, sink)
-
-    def _is_admin(self, message: IncomingMessage) -> bool:
-        return (self._settings.is_admin(message.user_key) or message.author_is_chat_admin
-                or message.platform == "console")
+            if message.unsupported:
+                return UNSUPPORTED_NOTE.format(what=message.unsupported)
+            return EMPTY_NOTE
+        if message.message_id in lane.in_flight:
+            logger.info("%s: message %s is being answered already", key, message.message_id)
+            return None
+        tokens = await asyncio.to_thread(self._generator.count_tokens, "user", text) \
+            if len(text) > 4096 else self._generator.count_tokens("user", text)
+        admission = await self._store.add_user_message(NewUserMessage(
+            conversation_id=conversation.id, platform=message.platform,
+            author_id=message.author_id, author_name=message.author_name,
+            platform_message_id=message.message_id, text=text, tokens=tokens,
+            reply_to_platform_id=message.reply_to_message_id,
+        ))
+        if admission.state is not State.PENDING:
+            logger.info("%s: message %s was handled before (%s); not answering again", key,
+                        message.message_id, admission.state)
+            return None
+        if not admission.new:
+            logger.info("%s: answering message %s left pending", key, message.message_id)
+        return Question(key=key, platform=message.platform, author_id=message.author_id,
+                        platform_message_id=message.message_id, is_direct=message.is_direct,
+                        received_at=message.received_at, message=admission.message,
+                        conversation=conversation)
 
     async def _run_command(self, call: CommandCall, message: IncomingMessage,
-                           conversation: Conversation, sink: ReplySink) -> None:
+                           conversation: Conversation,
+                           chat_admin: AdminCheck | None) -> str | None:
         key = message.conversation_key
         command = self._commands.get(call.name)
         if command is None:
             if message.addressed_to_bot:
-                await self._say(sink, f"Unknown command /{call.name}. Send /help for the list.",
-                                key)
-            return
-        is_admin = self._is_admin(message)
+                return f"Unknown command /{call.name}. Send /help for the list."
+            return None
+        is_admin = (self._settings.is_admin(message.user_key) or message.author_is_chat_admin
+                    or message.platform == "console")
+        if not is_admin and chat_admin is not None and needs_admin(command, message):
+            is_admin = await chat_admin()
         if not may_run(command, message, is_admin):
             logger.info("%s: refused /%s to %s", key, command.name, message.user_key)
-            await self._say(sink, f"Sorry, /{command.name} is for admins only.", key)
-            return
+            return f"Sorry, /{command.name} is for admins only."
         try:
             args = parse_arguments(command, call.argument_text)
             answer = await command.handler(CommandContext(
@@ -170,140 +247,46 @@ class DialogueManager:
         except CommandError as exc:
             answer = str(exc)
         logger.info("%s: ran /%s for %s", key, command.name, message.user_key)
-        await self._say(sink, answer, key)
+        return answer
 
     async def _say(self, sink: ReplySink, text: str, key: str) -> None:
         stream = ReplyStream(sink, interval=0.0, clock=self._clock, key=key)
         await stream.push(text)
         await stream.finish()
 
-    def _budget(self, conversation: Conversation) -> Budget:
-        window = self._settings.context_tokens
-        model_window = self._generator.context_window
-        if model_window is not None:
-            window = min(window, model_window)
-        reply = conversation.max_reply_tokens or self._settings.max_reply_tokens
-        return Budget(window, min(reply, window // 2), self._generator.prompt_overhead)
+    # Answering.
 
-    async def _candidates(self, message: IncomingMessage, conversation: Conversation,
-                          stored: StoredMessage) -> AsyncIterator[StoredMessage]:
-        """Context candidates, newest first, by the conversation's context policy."""
-        after = conversation.reset_after_id
-        if message.is_direct:
-            before = stored.id
-            while True:
-                page = await self._store.history(conversation.id, after, before, HISTORY_PAGE)
-                for item in page:
-                    yield item
-                if len(page) < HISTORY_PAGE:
-                    return
-                before = page[-1].id
-        elif stored.reply_to_id is not None:
-            # A reply continues its chain: walk the reply links upwards.
-            next_id: int | None = stored.reply_to_id
-            while next_id is not None and next_id > after:
-                linked = await self._store.message(next_id)
-                if linked is None or linked.conversation_id != conversation.id:
-                    return
-                yield linked
-                next_id = linked.reply_to_id
-        else:
-            # A fresh mention starts a chain carrying the author's recent exchange.
-            since = message.received_at - timedelta(minutes=self._settings.group_carry_minutes)
-            for item in await self._store.author_exchange(
-                conversation.id, message.author_id, after, stored.id, since, HISTORY_PAGE
-            ):
-                yield item
-
-    async def _prompt(self, message: IncomingMessage, text: str, user_tokens: int,
-                      conversation: Conversation, stored: StoredMessage) -> Prompt:
-        system = conversation.persona or self._settings.system_prompt
-        budget = self._budget(conversation)
-        system_tokens = self._generator.count_tokens("system", system)
-        room = history_room(budget, system_tokens, user_tokens)
-        candidates: list[StoredMessage] = []
-        gathered = 0
-        async for item in self._candidates(message, conversation, stored):
-            candidates.append(item)
-            gathered += item.tokens
-            if gathered > room:
-                break
-        return build_prompt(system=system, user_text=text, history=candidates, budget=budget,
-                            count=self._generator.count_tokens,
-                            truncate=self._generator.truncate, user_tokens=user_tokens)
-
-    async def _reply(self, message: IncomingMessage, text: str, conversation: Conversation,
-                     sink: ReplySink) -> None:
-        key = message.conversation_key
-        user_tokens = await asyncio.to_thread(self._generator.count_tokens, "user", text) \
-            if len(text) > 4096 else self._generator.count_tokens("user", text)
-        stored = await self._store.add_user_message(NewUserMessage(
-            conversation_id=conversation.id, platform=message.platform,
-            author_id=message.author_id, author_name=message.author_name,
-            platform_message_id=message.message_id, text=text, tokens=user_tokens,
-            reply_to_platform_id=message.reply_to_message_id,
-        ))
-        if stored is None:
-            logger.info("%s: message %s was handled before; not answering again", key,
-                        message.message_id)
-            return
-        prompt = await self._prompt(message, text, user_tokens, conversation, stored)
-        params = GenerationParams(
-            max_new_tokens=conversation.max_reply_tokens or self._settings.max_reply_tokens,
-            temperature=self._settings.temperature if conversation.temperature is None
-            else conversation.temperature,
-            top_p=self._settings.top_p,
-            repetition_penalty=self._settings.repetition_penalty,
-        )
-        logger.info("%s: answering %s with %s prompt tokens (%s history messages)", key,
-                    message.message_id, prompt.tokens, prompt.history_used)
-        stream = ReplyStream(sink, interval=self._settings.edit_interval, clock=self._clock,
-                             key=key)
-        if prompt.input_truncated:
-            await stream.push(TRUNCATED_NOTE + "\n\n")
-        reply_parts: list[str] = []
-        started = self._clock()
-        typing = asyncio.create_task(self._keep_typing(sink))
+    async def _answer_all(self, key: str, lane: _Lane) -> None:
         try:
-            async with asyncio.timeout(self._settings.generation_timeout):
-                async for piece in self._generator.stream(prompt.messages, params):
-                    if not reply_parts:
-                        typing.cancel()
-                    reply_parts.append(piece)
-                    await stream.push(piece)
-        except (GenerationError, TimeoutError) as exc:
-            reason = "it took too long" if isinstance(exc, TimeoutError) else str(exc)
-            logger.warning("%s: generation for %s failed: %s", key, message.message_id, reason)
-            await stream.finish(note=FAILED_NOTE.format(reason=reason))
-            return
-        except asyncio.CancelledError:
-            with contextlib.suppress(ChinwagError, TimeoutError):
-                async with asyncio.timeout(5):
-                    await stream.finish(note=SHUTDOWN_NOTE)
-            raise
+            while lane.answers:
+                question, sink, ticket = lane.answers[0]
+                try:
+                    await self._responder.answer(question, sink)
+                except Exception:
+                    logger.exception("%s: answering %s failed", key,
+                                     question.platform_message_id)
+                finally:
+                    lane.answers.popleft()
+                    lane.in_flight.discard(question.platform_message_id)
+                    _resolve(ticket)
         finally:
-            typing.cancel()
-        elapsed_ms = round((self._clock() - started) * 1000)
-        reply_text = "".join(reply_parts)
-        try:
-            platform_ids = await stream.finish()
-        except DeliveryError as exc:
-            logger.warning("%s: could not deliver the reply to %s: %s", key,
-                           message.message_id, exc)
-            platform_ids = stream.message_ids
-        await self._store.add_reply(NewReply(
-            conversation_id=conversation.id, reply_to_id=stored.id, platform=message.platform,
-            author_id=message.author_id, text=reply_text,
-            tokens=self._generator.count_tokens("assistant", reply_text),
-            prompt_tokens=prompt.tokens, generation_ms=elapsed_ms,
-            platform_message_ids=platform_ids,
-        ))
-        logger.info("%s: answered %s in %s ms", key, message.message_id, elapsed_ms)
+            for _question, _sink, ticket in lane.answers:
+                ticket.done.cancel()
+            lane.answers.clear()
+            lane.worker = None
+            if lane.intake is None or lane.intake.done():
+                self._drop(key, lane)
 
-    async def _keep_typing(self, sink: ReplySink) -> None:
-        while True:
-            try:
-                await sink.typing()
-            except DeliveryError:
-                pass
-            await asyncio.sleep(TYPING_EVERY_S)
+    def _drop(self, key: str, lane: _Lane) -> None:
+        if self._lanes.get(key) is lane and not lane.answers:
+            del self._lanes[key]
+
+
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():  # an adapter that stopped waiting may have cancelled it
+        future.set_result(value)
+
+
+def _resolve(ticket: Ticket) -> None:
+    if not ticket.done.done():
+        ticket.done.set_result(None)

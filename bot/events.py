@@ -35,6 +35,8 @@ class IncomingMessage:
     author_is_chat_admin: bool = False
     """The platform says this author administers the chat (a Telegram group admin, a Discord
     member with Manage Server)."""
+    unsupported: str | None = None
+    """What the message carried that Chinwag cannot read ("sticker", "photo"), if anything."""
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property

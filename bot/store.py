@@ -17,6 +17,16 @@ class Role(StrEnum):
     ASSISTANT = "assistant"
 
 
+class State(StrEnum):
+    """Where a user message stands. Replies have no state."""
+
+    PENDING = "pending"
+    """Stored, not answered yet: answered when seen again, and after a restart."""
+    ANSWERED = "answered"
+    FAILED = "failed"
+    """Generation failed and the user was told; not answered again on its own."""
+
+
 @dataclass(frozen=True, slots=True)
 class Conversation:
     id: int
@@ -50,6 +60,29 @@ class NewUserMessage:
     text: str
     tokens: int
     reply_to_platform_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What storing a user message found."""
+
+    message: StoredMessage
+    new: bool
+    """False when this platform message was stored before (a redelivery)."""
+    state: State
+
+
+@dataclass(frozen=True, slots=True)
+class PendingMessage:
+    """A stored user message still waiting for its answer, with what an adapter needs to
+    answer it after a restart."""
+
+    message: StoredMessage
+    conversation_key: str
+    chat_id: str
+    thread_id: str | None
+    platform_message_id: str
+    author_name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +120,21 @@ class Store(Protocol):
         """Record or update a user; returns whether they are blocked."""
         ...
 
-    async def add_user_message(self, message: NewUserMessage) -> StoredMessage | None:
-        """Store a user's message; ``None`` if this platform message was stored before."""
+    async def add_user_message(self, message: NewUserMessage) -> Admission:
+        """Store a user's message as pending; a platform message stored before is found,
+        not stored twice."""
         ...
 
     async def add_reply(self, reply: NewReply) -> StoredMessage:
-        """Store a reply, the platform ids of its parts and its usage, in one transaction."""
+        """Store a reply, the platform ids of its parts and its usage, and mark the message
+        it answers answered, in one transaction."""
+        ...
+
+    async def mark_failed(self, message_id: int) -> None: ...
+
+    async def pending(self, platform: str, since: datetime,
+                      limit: int) -> Sequence[PendingMessage]:
+        """Pending user messages of a platform stored since ``since``, oldest first."""
         ...
 
     async def history(self, conversation_id: int, after_id: int, before_id: int,
@@ -108,7 +150,10 @@ class Store(Protocol):
         """The author's messages since ``since`` and the replies to them, newest first."""
         ...
 
-    async def reset(self, conversation_id: int) -> None: ...
+    async def reset(self, conversation_id: int) -> None:
+        """Start a fresh context: messages stored so far, and replies to them stored later,
+        are left out of prompts."""
+        ...
 
     async def set_persona(self, conversation_id: int, persona: str | None) -> None: ...
 

@@ -84,6 +84,8 @@ class MessageRow(Base):
         # The hot path: the newest messages of one conversation.
         Index("ix_messages_conversation_id_id", "conversation_id", "id"),
         Index("ix_messages_author", "platform", "author_id"),
+        # Finding what is still to answer after a restart.
+        Index("ix_messages_pending", "platform", "state"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -100,6 +102,8 @@ class MessageRow(Base):
     )
     text: Mapped[str] = mapped_column(Text)
     tokens: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str | None] = mapped_column(String(16))
+    """``bot.store.State`` of a user message; ``None`` for replies."""
     generation_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -7,16 +7,20 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, func, not_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
 from bot.errors import StorageError
 from bot.store import (
+    Admission,
     Conversation,
     NewReply,
     NewUserMessage,
+    PendingMessage,
     Role,
+    State,
     Stats,
     StoredMessage,
 )
@@ -56,6 +60,12 @@ def _percentile(sorted_values: Sequence[int], fraction: float) -> float | None:
         return None
     index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
     return float(sorted_values[index])
+
+
+def _not_answering_before(after_id: int) -> ColumnElement[bool]:
+    """Leaves out replies stored after a reset that answer a message from before it."""
+    return not_(and_(MessageRow.role == Role.ASSISTANT.value,
+                     MessageRow.reply_to_id <= after_id))
 
 
 class SqlStore:
@@ -109,48 +119,55 @@ class SqlStore:
             row.last_seen_at = now
             return row.blocked
 
-    async def add_user_message(self, message: NewUserMessage) -> StoredMessage | None:
+    async def add_user_message(self, message: NewUserMessage) -> Admission:
         try:
-            async with self._transaction() as session:
-                seen = await session.scalar(
-                    select(PlatformMessageRow.id).where(
-                        PlatformMessageRow.conversation_id == message.conversation_id,
-                        PlatformMessageRow.platform_message_id == message.platform_message_id,
-                    )
-                )
-                if seen is not None:
-                    return None
-                reply_to_id = None
-                if message.reply_to_platform_id is not None:
-                    reply_to_id = await session.scalar(
-                        select(PlatformMessageRow.message_id).where(
-                            PlatformMessageRow.conversation_id == message.conversation_id,
-                            PlatformMessageRow.platform_message_id
-                            == message.reply_to_platform_id,
-                        )
-                    )
-                row = MessageRow(
-                    conversation_id=message.conversation_id,
-                    role=Role.USER.value,
-                    platform=message.platform,
-                    author_id=message.author_id,
-                    platform_message_id=message.platform_message_id,
-                    reply_to_id=reply_to_id,
-                    text=message.text,
-                    tokens=message.tokens,
-                )
-                session.add(row)
-                await session.flush()
-                session.add(PlatformMessageRow(
-                    conversation_id=message.conversation_id,
-                    platform_message_id=message.platform_message_id,
-                    message_id=row.id,
-                ))
-            return _message(row)
+            return await self._add_user_message(message)
         except StorageError as exc:
-            if isinstance(exc.__cause__, IntegrityError):
-                return None  # the same platform message, stored by a concurrent delivery
-            raise
+            if not isinstance(exc.__cause__, IntegrityError):
+                raise
+            # The same platform message, stored by a concurrent delivery: find that one.
+            return await self._add_user_message(message)
+
+    async def _add_user_message(self, message: NewUserMessage) -> Admission:
+        async with self._transaction() as session:
+            seen = await session.scalar(
+                select(MessageRow)
+                .join(PlatformMessageRow, PlatformMessageRow.message_id == MessageRow.id)
+                .where(
+                    PlatformMessageRow.conversation_id == message.conversation_id,
+                    PlatformMessageRow.platform_message_id == message.platform_message_id,
+                )
+            )
+            if seen is not None:
+                return Admission(_message(seen), new=False,
+                                 state=State(seen.state or State.ANSWERED))
+            reply_to_id = None
+            if message.reply_to_platform_id is not None:
+                reply_to_id = await session.scalar(
+                    select(PlatformMessageRow.message_id).where(
+                        PlatformMessageRow.conversation_id == message.conversation_id,
+                        PlatformMessageRow.platform_message_id == message.reply_to_platform_id,
+                    )
+                )
+            row = MessageRow(
+                conversation_id=message.conversation_id,
+                role=Role.USER.value,
+                platform=message.platform,
+                author_id=message.author_id,
+                platform_message_id=message.platform_message_id,
+                reply_to_id=reply_to_id,
+                text=message.text,
+                tokens=message.tokens,
+                state=State.PENDING.value,
+            )
+            session.add(row)
+            await session.flush()
+            session.add(PlatformMessageRow(
+                conversation_id=message.conversation_id,
+                platform_message_id=message.platform_message_id,
+                message_id=row.id,
+            ))
+        return Admission(_message(row), new=True, state=State.PENDING)
 
     async def add_reply(self, reply: NewReply) -> StoredMessage:
         async with self._transaction() as session:
@@ -168,6 +185,9 @@ class SqlStore:
             )
             session.add(row)
             await session.flush()
+            await session.execute(update(MessageRow)
+                                  .where(MessageRow.id == reply.reply_to_id)
+                                  .values(state=State.ANSWERED.value))
             for platform_id in dict.fromkeys(reply.platform_message_ids):
                 session.add(PlatformMessageRow(
                     conversation_id=reply.conversation_id,
@@ -197,7 +217,8 @@ class SqlStore:
             rows = await session.scalars(
                 select(MessageRow)
                 .where(MessageRow.conversation_id == conversation_id,
-                       MessageRow.id > after_id, MessageRow.id < before_id)
+                       MessageRow.id > after_id, MessageRow.id < before_id,
+                       _not_answering_before(after_id))
                 .order_by(MessageRow.id.desc())
                 .limit(limit)
             )
@@ -218,11 +239,40 @@ class SqlStore:
                 .where(MessageRow.conversation_id == conversation_id,
                        MessageRow.author_id == author_id,
                        MessageRow.id > after_id, MessageRow.id < before_id,
-                       MessageRow.created_at >= since)
+                       MessageRow.created_at >= since, _not_answering_before(after_id))
                 .order_by(MessageRow.id.desc())
                 .limit(limit)
             )
             return [_message(row) for row in rows]
+
+    async def mark_failed(self, message_id: int) -> None:
+        async with self._transaction() as session:
+            await session.execute(update(MessageRow).where(MessageRow.id == message_id)
+                                  .values(state=State.FAILED.value))
+
+    async def pending(self, platform: str, since: datetime,
+                      limit: int) -> Sequence[PendingMessage]:
+        async with self._transaction() as session:
+            rows = await session.execute(
+                select(MessageRow, ConversationRow, UserRow.display_name)
+                .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
+                .outerjoin(UserRow, and_(UserRow.platform == MessageRow.platform,
+                                         UserRow.user_id == MessageRow.author_id))
+                .where(MessageRow.platform == platform,
+                       MessageRow.state == State.PENDING.value,
+                       MessageRow.created_at >= since)
+                .order_by(MessageRow.id)
+                .limit(limit)
+            )
+            return [
+                PendingMessage(
+                    message=_message(message), conversation_key=conversation.key,
+                    chat_id=conversation.chat_id, thread_id=conversation.thread_id,
+                    platform_message_id=message.platform_message_id or "",
+                    author_name=name or message.author_id or "",
+                )
+                for message, conversation, name in rows
+            ]
 
     async def reset(self, conversation_id: int) -> None:
         async with self._transaction() as session:

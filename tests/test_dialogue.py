@@ -4,9 +4,10 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.answering import TRUNCATED_NOTE
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings
-from bot.dialogue import EMPTY_NOTE, TRUNCATED_NOTE, DialogueManager
+from bot.dialogue import EMPTY_NOTE, DialogueManager
 from bot.generators import ChatMessage
 from storage.models import MessageRow
 from storage.repository import SqlStore
@@ -240,3 +241,104 @@ async def test_shutdown_ends_an_in_flight_reply_with_a_note(
     # After close, new messages are not taken.
     await manager.handle(dm("too late"), sink)
     assert "too late" not in sink.text
+
+
+async def test_accepted_means_stored_before_the_answer_is_done(
+        manager: DialogueManager, generator: ScriptedGenerator, engine: AsyncEngine) -> None:
+    generator.gate = asyncio.Event()
+    sink = RecordingSink()
+    first = manager.submit(dm("one"), sink)
+    second = manager.submit(dm("two"), sink)
+    # Both are stored while the first is still being generated.
+    assert await asyncio.wait_for(second.accepted, 5) is True
+    assert await first.accepted is True
+    assert await stored_texts(engine) == [("user", "one"), ("user", "two")]
+    assert not first.done.done()
+    generator.gate.set()
+    await asyncio.gather(first, second)
+    assert sink.texts == ["one", "two"]
+
+
+async def test_a_redelivered_pending_message_is_answered_once(
+        manager: DialogueManager, generator: ScriptedGenerator, engine: AsyncEngine) -> None:
+    generator.gate = asyncio.Event()
+    sink = RecordingSink()
+    first = manager.submit(dm("hello", message_id="m-re"), sink)
+    for _ in range(500):
+        if generator.running:
+            break
+        await asyncio.sleep(0.01)
+    again = manager.submit(dm("hello", message_id="m-re"), sink)  # while it is answered
+    await again
+    generator.gate.set()
+    await first
+    await manager.handle(dm("hello", message_id="m-re"), sink)  # after it was answered
+    assert sink.texts == ["hello"]
+    assert await stored_texts(engine) == [("user", "hello"), ("assistant", "hello")]
+
+
+async def test_pending_messages_are_listed_after_an_interrupted_answer(
+        store: SqlStore, settings: Settings) -> None:
+    generator = ScriptedGenerator(hang=True)
+    manager = DialogueManager(store=store, generator=generator, settings=settings,
+                              commands=builtin_commands(), shutdown_grace=0.05)
+    ticket = manager.submit(dm("interrupted", message_id="m-int"), RecordingSink())
+    await ticket.accepted
+    await manager.close()
+    [pending] = await manager.pending("telegram")
+    assert (pending.message.text, pending.platform_message_id) == ("interrupted", "m-int")
+    # The next process answers it when the adapter resubmits it.
+    async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as restarted:
+        sink = RecordingSink()
+        await restarted.handle(dm("interrupted", message_id="m-int"), sink)
+        assert sink.texts == ["interrupted"]
+        assert await restarted.pending("telegram") == []
+
+
+async def test_failed_messages_are_not_answered_again(manager: DialogueManager,
+                                                      generator: ScriptedGenerator) -> None:
+    generator.fail_after_pieces = 0
+    sink = RecordingSink()
+    await manager.handle(dm("doomed", message_id="m-doom"), sink)
+    generator.fail_after_pieces = None
+    await manager.handle(dm("doomed", message_id="m-doom"), sink)
+    assert len(sink.texts) == 1 and "could not finish" in sink.texts[0]
+    assert await manager.pending("telegram") == []
+
+
+async def test_reset_while_a_reply_is_generating_leaves_that_reply_out(
+        manager: DialogueManager, generator: ScriptedGenerator) -> None:
+    generator.gate = asyncio.Event()
+    sink = RecordingSink()
+    old = manager.submit(dm("old topic"), sink)
+    await manager.handle(dm("/reset"), sink)  # answered at once, while "old topic" waits
+    assert sink.texts[0].startswith("Context cleared")
+    generator.gate.set()
+    await old
+    await manager.handle(dm("new topic"), sink)
+    assert [m.content for m in generator.prompts[-1][1:]] == ["new topic"]
+
+
+async def test_unreadable_attachments_get_a_short_note(manager: DialogueManager) -> None:
+    from dataclasses import replace
+
+    sink = RecordingSink()
+    await manager.handle(replace(dm(""), unsupported="sticker"), sink)
+    await manager.handle(replace(group(""), unsupported="photo"), sink)  # not addressed
+    assert sink.texts == ["I can only read text for now, so I cannot see that sticker."]
+
+
+async def test_chat_admin_is_asked_only_when_a_command_needs_it(
+        manager: DialogueManager) -> None:
+    asked: list[str] = []
+
+    async def is_admin() -> bool:
+        asked.append("asked")
+        return True
+
+    sink = RecordingSink()
+    await manager.submit(group("/help"), sink, chat_admin=is_admin)
+    assert asked == []
+    await manager.submit(group("/persona Be terse."), sink, chat_admin=is_admin)
+    assert asked == ["asked"] and sink.texts[-1].startswith("Persona set")

@@ -5,7 +5,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.store import NewReply, NewUserMessage, Role
+from bot.store import NewReply, NewUserMessage, Role, State, StoredMessage
 from storage.migrate import head_revision, upgrade
 from storage.models import Base, MessageRow, PlatformMessageRow, UsageRow, UserRow
 from storage.repository import SqlStore
@@ -16,6 +16,10 @@ def user_message(conversation_id: int, platform_id: str, text: str = "hello", *,
     return NewUserMessage(conversation_id=conversation_id, platform="telegram", author_id=author,
                           author_name="User", platform_message_id=platform_id, text=text,
                           tokens=len(text.split()), reply_to_platform_id=reply_to)
+
+
+async def added(store: SqlStore, message: NewUserMessage) -> StoredMessage:
+    return (await store.add_user_message(message)).message
 
 
 def reply(conversation_id: int, to: int, ids: list[str], text: str = "hi there", *,
@@ -46,20 +50,60 @@ async def test_conversation_is_created_once(store: SqlStore) -> None:
     assert first == again and first.reset_after_id == 0
 
 
-async def test_duplicate_platform_message_is_not_stored_twice(store: SqlStore) -> None:
+async def test_a_platform_message_is_stored_once_and_its_state_kept(
+        store: SqlStore) -> None:
     conversation = await store.conversation("telegram:1")
-    assert await store.add_user_message(user_message(conversation.id, "p1")) is not None
-    assert await store.add_user_message(user_message(conversation.id, "p1")) is None
+    first = await store.add_user_message(user_message(conversation.id, "p1"))
+    again = await store.add_user_message(user_message(conversation.id, "p1"))
+    assert (first.new, first.state) == (True, State.PENDING)
+    assert (again.new, again.state, again.message.id) == (False, State.PENDING, first.message.id)
+    await store.add_reply(reply(conversation.id, first.message.id, ["b1"]))
+    assert (await store.add_user_message(user_message(conversation.id, "p1"))).state \
+        is State.ANSWERED
+    failed = await added(store, user_message(conversation.id, "p2"))
+    await store.mark_failed(failed.id)
+    assert (await store.add_user_message(user_message(conversation.id, "p2"))).state \
+        is State.FAILED
+
+
+async def test_pending_lists_unanswered_messages_within_the_window(store: SqlStore) -> None:
+    await store.touch_user("telegram", "u1", "Ada")
+    conversation = await store.conversation("telegram:-5:77")
+    answered = await added(store, user_message(conversation.id, "p1", "answered"))
+    await store.add_reply(reply(conversation.id, answered.id, ["b1"]))
+    waiting = await added(store, user_message(conversation.id, "p2", "waiting"))
+    elsewhere = await store.conversation("discord:1")
+    await added(store, NewUserMessage(conversation_id=elsewhere.id, platform="discord",
+                                      author_id="u1", author_name="Ada",
+                                      platform_message_id="d1", text="other platform",
+                                      tokens=2, reply_to_platform_id=None))
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    [pending] = await store.pending("telegram", since, 10)
+    assert pending.message.id == waiting.id
+    assert (pending.chat_id, pending.thread_id, pending.platform_message_id,
+            pending.author_name) == ("-5", "77", "p2", "Ada")
+    assert await store.pending("telegram", datetime.now(UTC) + timedelta(minutes=1), 10) == []
+
+
+async def test_replies_stored_after_a_reset_to_older_messages_stay_out(
+        store: SqlStore) -> None:
+    conversation = await store.conversation("telegram:1")
+    before = await added(store, user_message(conversation.id, "p1", "before"))
+    await store.reset(conversation.id)
+    await store.add_reply(reply(conversation.id, before.id, ["b1"], "late answer"))
+    after = await added(store, user_message(conversation.id, "p2", "after"))
+    conversation = await store.conversation("telegram:1")
+    assert await store.history(conversation.id, conversation.reset_after_id, 10**9, 10) \
+        == [after]
 
 
 async def test_reply_links_and_usage(store: SqlStore, engine: AsyncEngine) -> None:
     conversation = await store.conversation("telegram:1")
-    question = await store.add_user_message(user_message(conversation.id, "p1"))
-    assert question is not None
+    question = await added(store, user_message(conversation.id, "p1"))
     answer = await store.add_reply(reply(conversation.id, question.id, ["b1", "b2"]))
     assert answer.reply_to_id == question.id and answer.role is Role.ASSISTANT
     # A user replying to the second part of a long reply is linked to the reply.
-    follow_up = await store.add_user_message(user_message(conversation.id, "p2", reply_to="b2"))
+    follow_up = await added(store, user_message(conversation.id, "p2", reply_to="b2"))
     assert follow_up is not None and follow_up.reply_to_id == answer.id
     async with engine.connect() as connection:
         usage = (await connection.execute(select(UsageRow))).one()
@@ -70,7 +114,7 @@ async def test_history_pages_newest_first_and_respects_reset(store: SqlStore) ->
     conversation = await store.conversation("telegram:1")
     ids = []
     for n in range(10):
-        stored = await store.add_user_message(user_message(conversation.id, f"p{n}", f"t{n}"))
+        stored = await added(store, user_message(conversation.id, f"p{n}", f"t{n}"))
         assert stored is not None
         ids.append(stored.id)
     page = await store.history(conversation.id, 0, ids[-1], 4)
@@ -83,8 +127,8 @@ async def test_history_pages_newest_first_and_respects_reset(store: SqlStore) ->
 
 async def test_author_exchange_finds_both_sides_within_the_window(store: SqlStore) -> None:
     conversation = await store.conversation("telegram:g")
-    mine = await store.add_user_message(user_message(conversation.id, "p1", "mine"))
-    other = await store.add_user_message(user_message(conversation.id, "p2", "theirs",
+    mine = await added(store, user_message(conversation.id, "p1", "mine"))
+    other = await added(store, user_message(conversation.id, "p2", "theirs",
                                                       author="u2"))
     assert mine is not None and other is not None
     await store.add_reply(reply(conversation.id, mine.id, ["b1"], "to mine"))
@@ -99,8 +143,8 @@ async def test_author_exchange_finds_both_sides_within_the_window(store: SqlStor
 async def test_forget_deletes_every_row_about_the_user(store: SqlStore,
                                                        engine: AsyncEngine) -> None:
     conversation = await store.conversation("telegram:1")
-    mine = await store.add_user_message(user_message(conversation.id, "p1", "secret"))
-    theirs = await store.add_user_message(user_message(conversation.id, "p2", "hi", author="u2"))
+    mine = await added(store, user_message(conversation.id, "p1", "secret"))
+    theirs = await added(store, user_message(conversation.id, "p2", "hi", author="u2"))
     assert mine is not None and theirs is not None
     await store.touch_user("telegram", "u1", "One")
     await store.touch_user("telegram", "u2", "Two")
@@ -125,8 +169,7 @@ async def test_block_and_stats(store: SqlStore) -> None:
     await store.set_blocked("telegram", "u1", False)
     assert await store.touch_user("telegram", "u1", "One") is False
     conversation = await store.conversation("telegram:1")
-    question = await store.add_user_message(user_message(conversation.id, "p1"))
-    assert question is not None
+    question = await added(store, user_message(conversation.id, "p1"))
     await store.add_reply(reply(conversation.id, question.id, ["b1"]))
     stats = await store.stats()
     assert (stats.conversations, stats.users, stats.user_messages, stats.replies) == (1, 1, 1, 1)

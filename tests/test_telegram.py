@@ -1,16 +1,34 @@
 """The real python-telegram-bot client against a loopback Bot API emulator."""
 
+from __future__ import annotations
+
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.telegram import TelegramAdapter
+from bot.answering import SHUTDOWN_NOTE
 from bot.builtin_commands import builtin_commands
+from bot.commands import Access
+from bot.config import Settings
 from bot.dialogue import DialogueManager
+from bot.errors import ConfigError, DeliveryError
+from bot.generators import ChatMessage
+from bot.store import NewUserMessage
+from storage.models import MessageRow
+from storage.repository import SqlStore
 from tests.auxil.generators import ScriptedGenerator
-from tests.auxil.telegram_api import BOT, TelegramEmulator
+from tests.auxil.telegram_api import TelegramEmulator
+
+ADMIN = 42
+GROUP = -100
 
 
 @pytest.fixture(autouse=True)
@@ -19,12 +37,39 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def tg(manager: DialogueManager) -> AsyncIterator[TelegramEmulator]:
-    async with TelegramEmulator() as emulator, TelegramAdapter(
-        emulator.token, manager, builtin_commands(), api_url=emulator.url, poll_timeout=1
-    ):
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"admins": (f"telegram:{ADMIN}",)})
+
+
+@asynccontextmanager
+async def serving(emulator: TelegramEmulator,
+                  manager: DialogueManager) -> AsyncIterator[TelegramAdapter]:
+    async with TelegramAdapter(emulator.token, manager, builtin_commands(),
+                               api_url=emulator.url, poll_timeout=1) as adapter:
+        yield adapter
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[TelegramEmulator]:
+    async with TelegramEmulator() as emulator:
         yield emulator
 
+
+@pytest.fixture
+async def tg(emulator: TelegramEmulator,
+             manager: DialogueManager) -> AsyncIterator[TelegramEmulator]:
+    async with serving(emulator, manager):
+        yield emulator
+
+
+async def stored(engine: AsyncEngine) -> list[tuple[str, str]]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(select(MessageRow.role, MessageRow.text)
+                                        .order_by(MessageRow.id))
+        return [(role, text) for role, text in rows]
+
+
+# Conversations.
 
 async def test_direct_message_round_trip(tg: TelegramEmulator,
                                          generator: ScriptedGenerator) -> None:
@@ -34,6 +79,7 @@ async def test_direct_message_round_trip(tg: TelegramEmulator,
     assert tg.sent("sendChatAction")[0]["action"] == "typing"
     generator.gate.set()
     await tg.wait_for(lambda: tg.final_text(5) == ["hello from telegram"])
+    assert "reply_parameters" not in tg.sent()[0]  # a DM reply is not threaded
 
 
 async def test_commands_are_registered_at_start(tg: TelegramEmulator) -> None:
@@ -43,65 +89,329 @@ async def test_commands_are_registered_at_start(tg: TelegramEmulator) -> None:
 
 async def test_group_answers_only_when_addressed(tg: TelegramEmulator,
                                                  generator: ScriptedGenerator) -> None:
-    tg.push_text("just people talking", chat=-100, user=7, chat_type="supergroup")
-    mention = "@chinwag_bot what is up"
-    asked = tg.push_text(mention, chat=-100, user=7, chat_type="supergroup",
-                         entities=[{"type": "mention", "offset": 0, "length": 12}])
-    await tg.wait_for(lambda: tg.final_text(-100) == ["what is up"])
-    first = tg.sent()[0]
-    assert first["reply_parameters"]["message_id"] == asked  # threaded to the question
+    tg.push_text("just people talking", chat=GROUP, user=7, chat_type="supergroup")
+    asked = tg.push_mention("what is up", chat=GROUP, user=7)
+    await tg.wait_for(lambda: tg.final_text(GROUP) == ["what is up"])
+    assert tg.sent()[0]["reply_parameters"]["message_id"] == asked  # threaded to the question
     assert len(generator.prompts) == 1
 
 
 async def test_reply_to_the_bot_continues_the_chain(tg: TelegramEmulator,
                                                     generator: ScriptedGenerator) -> None:
-    tg.push_text("@chinwag_bot first", chat=-7, user=3, chat_type="group",
-                 entities=[{"type": "mention", "offset": 0, "length": 12}])
+    tg.push_mention("first", chat=-7, user=3, chat_type="group")
     await tg.wait_for(lambda: len(tg.final_text(-7)) == 1)
-    bot_message = {"message_id": tg.sent()[0]["_message_id"], "date": 0, "text": "first",
-                   "chat": {"id": -7, "type": "group", "title": "g"}, "from": BOT}
+    bot_message = tg.bot_message(tg.sent()[0]["_message_id"], -7, "group")
     tg.push_text("second", chat=-7, user=3, chat_type="group", reply_to=bot_message)
     await tg.wait_for(lambda: len(tg.final_text(-7)) == 2)
     assert [m.content for m in generator.prompts[-1][1:]] == ["first", "first", "second"]
 
 
-async def test_commands_for_another_bot_are_ignored(tg: TelegramEmulator) -> None:
+async def test_forum_topics_keep_separate_histories(tg: TelegramEmulator,
+                                                    generator: ScriptedGenerator) -> None:
+    tg.push_mention("apples in topic one", chat=GROUP, user=3, thread=11)
+    await tg.wait_for(lambda: len(tg.final_text(GROUP)) == 1)
+    tg.push_mention("pears in topic two", chat=GROUP, user=3, thread=22)
+    await tg.wait_for(lambda: len(tg.final_text(GROUP)) == 2)
+    tg.push_mention("and now?", chat=GROUP, user=3, thread=11)
+    await tg.wait_for(lambda: len(tg.final_text(GROUP)) == 3)
+    contents = [m.content for m in generator.prompts[-1][1:]]
+    assert contents == ["apples in topic one", "apples in topic one", "and now?"]
+    threads = [int(call["message_thread_id"]) for call in tg.sent()]
+    assert threads == [11, 22, 11]  # each answer goes to its own topic
+
+
+async def test_fifty_chats_at_once_each_get_their_own_answer(
+        tg: TelegramEmulator, generator: ScriptedGenerator) -> None:
+    generator.gate = asyncio.Event()
+    for chat in range(1, 51):
+        tg.push_text(f"question from chat {chat}", chat=chat, user=chat)
+    await tg.wait_for(lambda: generator.running == 50, timeout=30)  # all generating at once
+    generator.gate.set()
+    await tg.wait_for(lambda: all(tg.final_text(c) == [f"question from chat {c}"]
+                                  for c in range(1, 51)), timeout=30)
+
+
+# Commands.
+
+async def test_commands_with_and_without_the_bot_name(tg: TelegramEmulator) -> None:
     tg.push_text("/help@other_bot", chat=-9, user=4, chat_type="group")
     tg.push_text("/help@chinwag_bot", chat=-9, user=4, chat_type="group")
-    await tg.wait_for(lambda: len(tg.final_text(-9)) == 1)
-    assert tg.final_text(-9)[0].startswith("Commands:")
+    tg.push_text("/help", chat=-9, user=4, chat_type="group")
+    await tg.wait_for(lambda: len(tg.final_text(-9)) == 2)
+    await asyncio.sleep(0.3)
+    assert len(tg.final_text(-9)) == 2
+    assert all(text.startswith("Commands:") for text in tg.final_text(-9))
 
 
-async def test_bad_token_is_one_clear_error(manager: DialogueManager, tmp_path: Path) -> None:
-    from bot.errors import ConfigError
-
-    async with TelegramEmulator() as emulator:
-        with pytest.raises(ConfigError, match="CHINWAG_TELEGRAM_TOKEN"):
-            async with TelegramAdapter("999:WRONG", manager, builtin_commands(),
-                                       api_url=emulator.url):
-                pass
+ADMIN_COMMANDS = [c for c in builtin_commands() if c.access is not Access.EVERYONE]
 
 
-async def test_chinwag_run_talks_to_the_api_it_is_pointed_at(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [c.name for c in ADMIN_COMMANDS])
+async def test_admin_commands_are_refused_to_members(tg: TelegramEmulator,
+                                                     command: str) -> None:
+    tg.admins[GROUP] = {8}
+    tg.push_text(f"/{command} something", chat=GROUP, user=7, chat_type="supergroup")
+    await tg.wait_for(lambda: len(tg.final_text(GROUP)) == 1)
+    assert tg.final_text(GROUP) == [f"Sorry, /{command} is for admins only."]
+
+
+async def test_admin_commands_for_configured_and_chat_admins(tg: TelegramEmulator) -> None:
+    tg.admins[GROUP] = {8}
+    tg.push_text("/persona Speak like a pirate.", chat=GROUP, user=ADMIN, chat_type="supergroup")
+    await tg.wait_for(lambda: len(tg.final_text(GROUP)) == 1)
+    tg.push_text("/stats", chat=GROUP, user=8, chat_type="supergroup")
+    tg.push_text("/persona", chat=GROUP, user=8, chat_type="supergroup")
+    await tg.wait_for(lambda: len(tg.final_text(GROUP)) == 3)
+    first, stats, persona = tg.final_text(GROUP)
+    assert first.startswith("Persona set")
+    assert "Users" in stats or "users" in stats
+    assert persona == "Persona: Speak like a pirate."
+    # The configured admin needed no lookup; the chat admin's two commands needed one.
+    assert len(tg.sent("getChatAdministrators")) == 1
+
+
+# Streaming, formatting and faults.
+
+def long_markdown() -> str:
+    parts = []
+    for n in range(12):
+        parts.append(f"## Part {n}\n\nSome **bold** prose about item {n}. " + "word " * 80)
+        parts.append("```python\n" + "\n".join(f"value_{n}_{i} = {i} * 2  # <{i}>"
+                                                for i in range(30)) + "\n```")
+    return "\n\n".join(parts)
+
+
+async def test_a_long_reply_arrives_whole_with_code_blocks_intact(
+        tg: TelegramEmulator, generator: ScriptedGenerator) -> None:
+    text = long_markdown()
+    assert len(text) > 10_000
+    generator.reply = lambda _m: text
+    generator.pieces_count = 40
+    tg.push_text("write a lot", chat=5, user=5)
+    await tg.wait_for(lambda: len(tg.final_text(5)) >= 3 and not tg.failed("sendMessage")
+                      and _all_final(tg, 5, text), timeout=20)
+    messages = tg.chat_messages(5)
+    code_blocks = re.findall(r"```python\n(.*?)\n```", text, re.DOTALL)
+    shown_blocks = [m["text"][e["offset"]:e["offset"] + e["length"]]
+                    for m in messages for e in m["entities"] if e["type"] == "pre"]
+    assert shown_blocks == code_blocks  # every block whole, in one message, in order
+    assert all(len(m["text"]) <= 4096 for m in messages)
+    assert all(any(e["type"] == "b" for e in m["entities"]) for m in messages)
+    assert not [c for c in tg.calls if c.status != 200]
+
+
+def _all_final(tg: TelegramEmulator, chat: int, text: str) -> bool:
+    visible = re.sub(r"```\w*|## |\*\*|\s", "", text)
+    return re.sub(r"\s", "", "".join(tg.final_text(chat))) == visible
+
+
+async def test_flood_control_during_streaming_still_delivers_the_final_text(
+        tg: TelegramEmulator, generator: ScriptedGenerator) -> None:
+    generator.pieces_count = 8
+    tg.fail("editMessageText", 429, "Too Many Requests: retry after 1", times=3, retry_after=1)
+    tg.fail("sendMessage", 429, "Too Many Requests: retry after 1", retry_after=1)
+    text = "a reply that is streamed in eight pieces while Telegram says slow down"
+    tg.push_text(text, chat=6, user=6)
+    await tg.wait_for(lambda: tg.final_text(6) == [text], timeout=15)
+    assert len(tg.failed("editMessageText")) == 3 and len(tg.failed("sendMessage")) == 1
+
+
+async def test_server_errors_are_retried_with_backoff(tg: TelegramEmulator) -> None:
+    tg.fail("sendMessage", 502, "Bad Gateway", times=2)
+    tg.fail("getUpdates", 500, "Internal Server Error", times=2)
+    tg.push_text("through the storm", chat=8, user=8)
+    await tg.wait_for(lambda: tg.final_text(8) == ["through the storm"], timeout=20)
+    assert len(tg.final_text(8)) == 1
+
+
+async def test_slow_answers_hold_up_nobody_else(tg: TelegramEmulator) -> None:
+    tg.delay["sendMessage"] = 0.5
+    for chat in range(1, 11):
+        tg.push_text(f"hello {chat}", chat=chat, user=chat)
+    await tg.wait_for(lambda: all(tg.final_text(c) == [f"hello {c}"] for c in range(1, 11)),
+                      timeout=20)
+    # Ten chats at half a second each took about one round, not ten.
+    sends = [c for c in tg.calls if c.method == "sendMessage"]
+    assert len(sends) == 10
+
+
+async def test_markdown_is_sent_as_telegram_formatting(tg: TelegramEmulator,
+                                                       generator: ScriptedGenerator) -> None:
+    generator.reply = lambda _m: ("Use **bold**, `x < y & z`, and a [link](https://e.org/?a=1&b=2)."
+                                  " <script>alert(1)</script>")
+    tg.push_text("format please", chat=9, user=9)
+    await tg.wait_for(lambda: bool(tg.chat_messages(9)) and tg.chat_messages(9)[0]["entities"])
+    [message] = tg.chat_messages(9)
+    assert message["text"] == ("Use bold, x < y & z, and a link. <script>alert(1)</script>")
+    assert {e["type"] for e in message["entities"]} == {"b", "code", "a"}
+
+
+async def test_an_entity_parse_error_falls_back_to_plain_text(
+        tg: TelegramEmulator, generator: ScriptedGenerator,
+        caplog: pytest.LogCaptureFixture) -> None:
+    generator.reply = lambda _m: "Some **bold** claim"
+    for method in ("sendMessage", "editMessageText"):
+        tg.fail(method, 400, "Bad Request: can't parse entities: Unsupported start tag",
+                html_only=True)
+    tg.push_text("hi", chat=10, user=10)
+    await tg.wait_for(lambda: tg.final_text(10) == ["Some **bold** claim"])
+    assert not tg.chat_messages(10)[0]["entities"]
+    assert "formatting refused" in caplog.text
+
+
+async def test_group_streaming_edits_stay_within_the_chat_limit(
+        tg: TelegramEmulator, generator: ScriptedGenerator) -> None:
+    generator.pieces_count = 30
+    text = " ".join(f"w{n}" for n in range(60))
+
+    async def slowly(messages: Sequence[ChatMessage], params: object):  # type: ignore[no-untyped-def]
+        for start in range(0, len(text), 10):
+            await asyncio.sleep(0.05)
+            yield text[start:start + 10]
+
+    generator.stream = slowly  # type: ignore[method-assign]
+    tg.push_mention("stream to the group", chat=GROUP, user=3)
+    tg.push_text("stream to me", chat=12, user=12)
+    await tg.wait_for(lambda: tg.final_text(GROUP) == [text] and tg.final_text(12) == [text],
+                      timeout=20)
+    group_edits = [c for c in tg.sent("editMessageText") if int(c["chat_id"]) == GROUP]
+    dm_edits = [c for c in tg.sent("editMessageText") if int(c["chat_id"]) == 12]
+    assert len(group_edits) == 1  # only the final text: the group's budget is kept
+    assert len(dm_edits) > 5  # a private chat streams freely
+
+
+# Other updates.
+
+async def test_other_updates_are_ignored_or_get_a_note(
+        tg: TelegramEmulator, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    sticker = {"file_id": "s", "file_unique_id": "s", "type": "regular", "width": 1,
+               "height": 1, "is_animated": False, "is_video": False}
+    tg.push_message(tg.user_message(chat=13, user=13, sticker=sticker))
+    tg.push_message(tg.user_message(chat=GROUP, user=3, chat_type="supergroup",
+                                    photo=[{"file_id": "p", "file_unique_id": "p",
+                                            "width": 1, "height": 1}]))
+    tg.push_message(tg.user_message(chat=GROUP, user=3, chat_type="supergroup",
+                                    new_chat_members=[{"id": 5, "is_bot": False,
+                                                       "first_name": "new"}]))
+    tg.push_message(tg.user_message(chat=13, user=13, text="edited", edit_date=1),
+                    kind="edited_message")
+    channel = {"message_id": 1, "date": 0, "text": "news",
+               "chat": {"id": -200, "type": "channel", "title": "c"}}
+    tg.push_message(channel, kind="channel_post")
+    tg.push_text("still here?", chat=13, user=13)
+    await tg.wait_for(lambda: len(tg.final_text(13)) == 2)
+    assert tg.final_text(13) == ["I can only read text for now, so I cannot see that sticker.",
+                                 "still here?"]
+    assert tg.final_text(GROUP) == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# Life cycle.
+
+async def test_an_update_is_acknowledged_only_after_its_message_is_stored(
+        emulator: TelegramEmulator, store: SqlStore, settings: Settings) -> None:
+    gate, entered = asyncio.Event(), asyncio.Event()
+
+    class SlowStore(SqlStore):
+        async def add_user_message(self, message: NewUserMessage):  # type: ignore[no-untyped-def]
+            entered.set()
+            await gate.wait()
+            return await super().add_user_message(message)
+
+    slow = SlowStore.__new__(SlowStore)
+    slow.__dict__.update(store.__dict__)
+    async with DialogueManager(store=slow, generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        emulator.push_text("store me first", chat=14, user=14)
+        await asyncio.wait_for(entered.wait(), 10)
+        await asyncio.sleep(0.5)
+        assert max(emulator.offsets) <= 1  # update 1 not confirmed while not stored
+        gate.set()
+        await emulator.wait_for(lambda: emulator.final_text(14) == ["store me first"])
+        await emulator.wait_for(lambda: max(emulator.offsets) == 2)
+
+
+async def test_a_restart_mid_conversation_neither_loses_nor_duplicates(
+        emulator: TelegramEmulator, store: SqlStore, settings: Settings,
+        engine: AsyncEngine) -> None:
+    first = ScriptedGenerator()
+    async with DialogueManager(store=store, generator=first, settings=settings,
+                               commands=builtin_commands(), shutdown_grace=0.2) as manager:
+        async with serving(emulator, manager) as adapter:
+            one = emulator.user_message(chat=15, user=15, text="one")
+            emulator.push_message(one)
+            await emulator.wait_for(lambda: emulator.final_text(15) == ["one"])
+            first.hang = True
+            emulator.push_text("two", chat=15, user=15)
+            await emulator.wait_for(lambda: first.running == 1)
+            # Stop the way `chinwag run` does on SIGTERM.
+            await adapter.stop_receiving()
+            emulator.push_text("three", chat=15, user=15)  # arrives while it is down
+            await manager.close()
+    assert emulator.final_text(15) == ["one", SHUTDOWN_NOTE]
+    # Telegram redelivers "one" as if its confirmation had been lost: it is not answered again.
+    emulator.push_message(one)
+    emulator.calls.clear()
+    second = ScriptedGenerator()
+    async with DialogueManager(store=store, generator=second, settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        await emulator.wait_for(lambda: len(emulator.sent()) == 2)
+        await asyncio.sleep(0.5)
+    assert [m[-1].content for m in second.prompts] == ["two", "three"]
+    assert len(emulator.sent()) == 2
+    rows = await stored(engine)
+    assert sorted(rows) == sorted([("user", "one"), ("assistant", "one"), ("user", "two"),
+                                   ("assistant", "two"), ("user", "three"),
+                                   ("assistant", "three")])  # each once
+
+
+async def test_bad_token_is_one_clear_error(manager: DialogueManager,
+                                            emulator: TelegramEmulator) -> None:
+    with pytest.raises(ConfigError, match="CHINWAG_TELEGRAM_TOKEN"):
+        async with TelegramAdapter("999:WRONG", manager, builtin_commands(),
+                                   api_url=emulator.url):
+            pass
+
+
+async def test_a_token_revoked_while_running_stops_the_adapter(
+        emulator: TelegramEmulator, manager: DialogueManager) -> None:
+    async with serving(emulator, manager) as adapter:
+        emulator.token = "revoked"
+        with pytest.raises(ConfigError, match="refused"):
+            await asyncio.wait_for(adapter.serve(), 10)
+
+
+async def test_an_unreachable_api_is_one_clear_error(manager: DialogueManager) -> None:
+    with pytest.raises(DeliveryError, match="cannot reach"):
+        async with TelegramAdapter("1:X", manager, builtin_commands(),
+                                   api_url="http://127.0.0.1:9"):
+            pass
+
+
+async def test_chinwag_run_talks_to_the_api_it_is_pointed_at(
+        emulator: TelegramEmulator, tmp_path: Path) -> None:
     import asyncio.subprocess as aproc
     import os
     import signal
     import sys
 
-    async with TelegramEmulator() as emulator:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-        env.update({"CHINWAG_TELEGRAM_TOKEN": emulator.token, "CHINWAG_GENERATOR": "echo",
-                    "CHINWAG_TELEGRAM_API_URL": emulator.url,
-                    "CHINWAG_DATA_DIR": str(tmp_path), "NO_PROXY": "127.0.0.1"})
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", "run", env=env, stdin=aproc.DEVNULL,
-            stdout=aproc.PIPE, stderr=aproc.PIPE, cwd=Path(__file__).parents[1])
-        try:
-            emulator.push_text("over the wire", chat=11, user=11)
-            await emulator.wait_for(lambda: emulator.final_text(11) == ["over the wire"],
-                                    timeout=60)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            _out, err = await asyncio.wait_for(process.communicate(), 30)
-        assert process.returncode == 0, err.decode()
-        assert emulator.token not in err.decode()  # the token is never logged
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update({"CHINWAG_TELEGRAM_TOKEN": emulator.token, "CHINWAG_GENERATOR": "echo",
+                "CHINWAG_TELEGRAM_API_URL": emulator.url,
+                "CHINWAG_DATA_DIR": str(tmp_path), "NO_PROXY": "127.0.0.1"})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", env=env, stdin=aproc.DEVNULL,
+        stdout=aproc.PIPE, stderr=aproc.PIPE, cwd=Path(__file__).parents[1])
+    try:
+        emulator.push_text("over the wire", chat=11, user=11)
+        await emulator.wait_for(lambda: emulator.final_text(11) == ["over the wire"],
+                                timeout=60)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    assert emulator.token not in err.decode()  # the token is never logged
+    assert emulator.offsets[-1] == 2  # what was stored was confirmed before exiting

@@ -1,30 +1,109 @@
 """A loopback Telegram Bot API emulator: enough of the API for the real python-telegram-bot
-client, recording every call. Tests push updates and read what the bot sent."""
+client, checked the way Telegram checks it (HTML entities, message length, edits that change
+nothing), recording every call, with faults that tests inject."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from typing import Any
 
 from aiohttp import web
 
 BOT = {"id": 999, "is_bot": True, "first_name": "Chinwag", "username": "chinwag_bot"}
+MAX_TEXT = 4096
+_TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "code", "pre", "a",
+         "tg-spoiler", "span", "blockquote", "tg-emoji"}
+
+
+_TAG = re.compile(r"</?[a-z][a-z-]*(?:\s[^<>]*)?>")
+_ENTITY = re.compile(r"&(?:lt|gt|amp|quot|#\d+|#x[0-9a-fA-F]+);")
+
+
+class EntityError(ValueError):
+    pass
+
+
+class _TelegramHtml(HTMLParser):
+    """Parses HTML as Telegram's parse_mode=HTML does: visible text plus entities."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.text: list[str] = []
+        self.entities: list[dict[str, Any]] = []
+        self._open: list[tuple[str, int, dict[str, str | None]]] = []
+
+    def _offset(self) -> int:
+        return sum(len(part) for part in self.text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in _TAGS:
+            raise EntityError(f'Unsupported start tag "{tag}" at byte offset {self._offset()}')
+        self._open.append((tag, self._offset(), dict(attrs)))
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self._open or self._open[-1][0] != tag:
+            raise EntityError(f'Unmatched end tag at byte offset {self._offset()}, '
+                              f'expected "</{self._open[-1][0] if self._open else ""}>", '
+                              f'found "</{tag}>"')
+        name, start, attrs = self._open.pop()
+        if self._offset() > start:
+            entity: dict[str, Any] = {"type": name, "offset": start,
+                                      "length": self._offset() - start}
+            entity.update({k: v for k, v in attrs.items() if v is not None})
+            self.entities.append(entity)
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    def parse(self, html: str) -> tuple[str, list[dict[str, Any]]]:
+        bare = _TAG.sub("", html)
+        if "<" in bare:
+            raise EntityError(f"Unexpected < at byte offset {bare.index('<')}")
+        for match in re.finditer("&", bare):
+            if not _ENTITY.match(bare, match.start()):
+                raise EntityError(f"Character entity expected at byte offset {match.start()}")
+        self.feed(html)
+        self.close()
+        if self._open:
+            raise EntityError(f'Can\'t find end tag corresponding to start tag '
+                              f'"{self._open[-1][0]}"')
+        return "".join(self.text), sorted(self.entities, key=lambda e: e["offset"])
 
 
 @dataclass
 class ApiCall:
     method: str
     params: dict[str, Any]
+    status: int = 200
+
+
+@dataclass
+class Fault:
+    status: int
+    description: str
+    retry_after: int | None = None
+    html_only: bool = False
 
 
 @dataclass
 class TelegramEmulator:
     token: str = "123456:TEST-TOKEN"
     calls: list[ApiCall] = field(default_factory=list)
+    admins: dict[int, set[int]] = field(default_factory=dict)
+    """Administrators per group chat, as getChatAdministrators reports them."""
+    delay: dict[str, float] = field(default_factory=dict)
+    """Seconds each call of a method takes (slow answers)."""
+    messages: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Every bot message as it stands now: chat, text (visible), entities."""
+    offsets: list[int] = field(default_factory=list)
+    _faults: dict[str, deque[Fault]] = field(default_factory=dict)
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _update_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
@@ -33,7 +112,7 @@ class TelegramEmulator:
     url: str = ""
 
     async def __aenter__(self) -> TelegramEmulator:
-        app = web.Application()
+        app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_post("/bot{token}/{method}", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -48,17 +127,26 @@ class TelegramEmulator:
         await self._runner.cleanup()
 
     # What tests do.
-    def push_text(self, text: str, *, chat: int = 1, user: int = 1, chat_type: str = "private",
-                  reply_to: dict[str, Any] | None = None, thread: int | None = None,
-                  entities: list[dict[str, Any]] | None = None) -> int:
-        message_id = next(self._message_ids)
-        message: dict[str, Any] = {
-            "message_id": message_id, "date": int(time.time()), "text": text,
+    def push_message(self, message: dict[str, Any], kind: str = "message") -> int:
+        self._updates.append({"update_id": next(self._update_ids), kind: message})
+        self._changed.set()
+        return int(message.get("message_id", 0))
+
+    def user_message(self, *, chat: int = 1, user: int = 1, chat_type: str = "private",
+                     **fields: Any) -> dict[str, Any]:
+        return {
+            "message_id": next(self._message_ids), "date": int(time.time()),
             "chat": {"id": chat, "type": chat_type,
                      **({"first_name": f"user{user}"} if chat_type == "private"
                         else {"title": f"group {chat}"})},
             "from": {"id": user, "is_bot": False, "first_name": f"user{user}"},
+            **fields,
         }
+
+    def push_text(self, text: str, *, chat: int = 1, user: int = 1, chat_type: str = "private",
+                  reply_to: dict[str, Any] | None = None, thread: int | None = None,
+                  entities: list[dict[str, Any]] | None = None) -> int:
+        message = self.user_message(chat=chat, user=user, chat_type=chat_type, text=text)
         if reply_to is not None:
             message["reply_to_message"] = reply_to
         if thread is not None:
@@ -69,12 +157,35 @@ class TelegramEmulator:
         elif text.startswith("/"):
             message["entities"] = [{"type": "bot_command", "offset": 0,
                                     "length": len(text.split()[0])}]
-        self._updates.append({"update_id": next(self._update_ids), "message": message})
-        self._changed.set()
-        return message_id
+        return self.push_message(message)
+
+    def push_mention(self, text: str, *, chat: int, user: int = 1, **kwargs: Any) -> int:
+        """``@chinwag_bot <text>`` in a group."""
+        handle = f"@{BOT['username']}"
+        return self.push_text(f"{handle} {text}", chat=chat, user=user,
+                              chat_type=kwargs.pop("chat_type", "supergroup"),
+                              entities=[{"type": "mention", "offset": 0,
+                                         "length": len(handle)}], **kwargs)
+
+    def bot_message(self, message_id: int, chat: int, chat_type: str = "supergroup"
+                    ) -> dict[str, Any]:
+        """A bot message as a reply_to_message of a user's update."""
+        return {"message_id": message_id, "date": 0, "from": BOT,
+                "text": self.messages[message_id]["text"],
+                "chat": {"id": chat, "type": chat_type, "title": "g"}}
+
+    def fail(self, method: str, status: int, description: str, *, times: int = 1,
+             retry_after: int | None = None, html_only: bool = False) -> None:
+        """The next ``times`` calls of ``method`` (with parse_mode=HTML, if ``html_only``)
+        fail so."""
+        queue = self._faults.setdefault(method, deque())
+        queue.extend(Fault(status, description, retry_after, html_only) for _ in range(times))
 
     def sent(self, method: str = "sendMessage") -> list[dict[str, Any]]:
-        return [c.params for c in self.calls if c.method == method]
+        return [c.params for c in self.calls if c.method == method and c.status == 200]
+
+    def failed(self, method: str) -> list[ApiCall]:
+        return [c for c in self.calls if c.method == method and c.status != 200]
 
     async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         deadline = time.monotonic() + timeout
@@ -83,17 +194,16 @@ class TelegramEmulator:
                 raise AssertionError(f"timed out; calls: {[c.method for c in self.calls]}")
             await asyncio.sleep(0.02)
 
+    def chat_messages(self, chat: int) -> list[dict[str, Any]]:
+        return [m for _id, m in sorted(self.messages.items()) if m["chat"] == chat]
+
     def final_text(self, chat: int) -> list[str]:
-        """The text of each bot message in a chat, after all edits."""
-        texts: dict[int, str] = {}
-        for call in self.calls:
-            if str(call.params.get("chat_id")) != str(chat):
-                continue
-            if call.method == "sendMessage":
-                texts[call.params["_message_id"]] = call.params["text"]
-            elif call.method == "editMessageText":
-                texts[int(call.params["message_id"])] = call.params["text"]
-        return [texts[k] for k in sorted(texts)]
+        """The visible text of each bot message in a chat, after all edits."""
+        return [m["text"] for m in self.chat_messages(chat)]
+
+    @property
+    def pending_updates(self) -> int:
+        return len(self._updates)
 
     # The API.
     async def _handle(self, request: web.Request) -> web.Response:
@@ -107,19 +217,35 @@ class TelegramEmulator:
                     params[key] = json.loads(value)
                 except ValueError:
                     pass
+        if self.delay.get(method):
+            await asyncio.sleep(self.delay[method])
+        faults = self._faults.get(method)
+        if faults and (not faults[0].html_only or params.get("parse_mode") == "HTML"):
+            fault = faults.popleft()
+            self.calls.append(ApiCall(method, params, fault.status))
+            return self._error(fault.status, fault.description, fault.retry_after)
         handler = getattr(self, f"_api_{method}", None)
         if handler is None:
-            self.calls.append(ApiCall(method, params))
-            return self._error(400, f"emulator does not implement {method}")
-        result = await handler(params)
+            self.calls.append(ApiCall(method, params, 400))
+            return self._error(400, f"Bad Request: emulator does not implement {method}")
+        try:
+            result = await handler(params)
+        except EntityError as exc:
+            self.calls.append(ApiCall(method, params, 400))
+            return self._error(400, f"Bad Request: can't parse entities: {exc}")
+        except ValueError as exc:
+            self.calls.append(ApiCall(method, params, 400))
+            return self._error(400, f"Bad Request: {exc}")
         self.calls.append(ApiCall(method, params))
         return web.Response(text=json.dumps({"ok": True, "result": result}),
                             content_type="application/json")
 
     @staticmethod
-    def _error(code: int, description: str) -> web.Response:
-        return web.Response(status=code, content_type="application/json", text=json.dumps(
-            {"ok": False, "error_code": code, "description": description}))
+    def _error(code: int, description: str, retry_after: int | None = None) -> web.Response:
+        body: dict[str, Any] = {"ok": False, "error_code": code, "description": description}
+        if retry_after is not None:
+            body["parameters"] = {"retry_after": retry_after}
+        return web.Response(status=code, content_type="application/json", text=json.dumps(body))
 
     async def _api_getMe(self, params: dict[str, Any]) -> Any:
         return BOT
@@ -133,9 +259,17 @@ class TelegramEmulator:
     async def _api_sendChatAction(self, params: dict[str, Any]) -> Any:
         return True
 
+    async def _api_getChatAdministrators(self, params: dict[str, Any]) -> Any:
+        chat = int(params["chat_id"])
+        return [{"status": "creator", "is_anonymous": False,
+                 "user": {"id": user, "is_bot": False, "first_name": f"user{user}"}}
+                for user in sorted(self.admins.get(chat, ()))]
+
     async def _api_getUpdates(self, params: dict[str, Any]) -> Any:
         offset = int(params.get("offset", 0) or 0)
         timeout = float(params.get("timeout", 0) or 0)
+        limit = int(params.get("limit", 100) or 100)
+        self.offsets.append(offset)
         self._updates = [u for u in self._updates if u["update_id"] >= offset]
         if not self._updates and timeout:
             self._changed.clear()
@@ -143,16 +277,42 @@ class TelegramEmulator:
                 await asyncio.wait_for(self._changed.wait(), min(timeout, 1.0))
             except TimeoutError:
                 pass
-        return self._updates[:100]
+        return self._updates[:limit]
 
-    def _bot_message(self, params: dict[str, Any], message_id: int) -> dict[str, Any]:
-        return {"message_id": message_id, "date": int(time.time()), "text": params["text"],
-                "chat": {"id": int(params["chat_id"]), "type": "private"}, "from": BOT}
+    def _render(self, params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+        raw = str(params.get("text", ""))
+        if params.get("parse_mode") == "HTML":
+            text, entities = _TelegramHtml().parse(raw)
+        else:
+            text, entities = raw, []
+        if not text.strip():
+            raise ValueError("message text is empty")
+        if len(text.encode("utf-16-le")) // 2 > MAX_TEXT:
+            raise ValueError("message is too long")
+        return text, entities
+
+    def _result(self, message_id: int) -> dict[str, Any]:
+        stored = self.messages[message_id]
+        return {"message_id": message_id, "date": int(time.time()), "text": stored["text"],
+                "chat": {"id": stored["chat"], "type": "private"}, "from": BOT}
 
     async def _api_sendMessage(self, params: dict[str, Any]) -> Any:
+        text, entities = self._render(params)
         message_id = next(self._message_ids)
         params["_message_id"] = message_id
-        return self._bot_message(params, message_id)
+        self.messages[message_id] = {"chat": int(params["chat_id"]), "text": text,
+                                     "entities": entities, "edits": 0}
+        return self._result(message_id)
 
     async def _api_editMessageText(self, params: dict[str, Any]) -> Any:
-        return self._bot_message(params, int(params["message_id"]))
+        message_id = int(params["message_id"])
+        stored = self.messages.get(message_id)
+        if stored is None or stored["chat"] != int(params["chat_id"]):
+            raise ValueError("message to edit not found")
+        text, entities = self._render(params)
+        if (text, entities) == (stored["text"], stored["entities"]):
+            raise ValueError("message is not modified: specified new message content and "
+                             "reply markup are exactly the same as a current content and "
+                             "reply markup of the message")
+        stored.update(text=text, entities=entities, edits=stored["edits"] + 1)
+        return self._result(message_id)

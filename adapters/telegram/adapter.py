@@ -1,0 +1,172 @@
+"""The Telegram adapter: long polling with python-telegram-bot's ``Bot``, inside Chinwag's
+own event loop (never ``run_polling``, which takes over the loop and the signals).
+
+Chinwag polls for itself rather than through PTB's ``Updater`` so that an update is
+acknowledged to Telegram (by the next ``getUpdates`` offset) only after the dialogue manager
+has stored its message: a stop at any moment loses nothing, and a redelivered update is
+recognised by its message id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+from types import TracebackType
+from typing import Self
+
+from telegram import Bot, BotCommand, Update
+from telegram.error import (
+    Conflict,
+    Forbidden,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+)
+from telegram.request import HTTPXRequest
+
+from adapters.telegram.admins import ChatAdmins
+from adapters.telegram.normalize import PLATFORM, normalize
+from adapters.telegram.pacing import ChatPacer
+from adapters.telegram.sink import TelegramSink, retry_seconds
+from bot.commands import CommandRegistry
+from bot.dialogue import DialogueManager, Ticket
+from bot.errors import ConfigError, DeliveryError
+from bot.events import IncomingMessage
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_UPDATES = ["message", "edited_message", "channel_post"]
+MAX_BACKOFF_S = 60.0
+CONNECTIONS = 128
+
+
+class TelegramAdapter:
+    def __init__(self, token: str, manager: DialogueManager, commands: CommandRegistry,
+                 api_url: str, poll_timeout: int = 10,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._manager = manager
+        self._commands = commands
+        self._poll_timeout = poll_timeout
+        self._bot = Bot(token, base_url=f"{api_url.rstrip('/')}/bot",
+                        request=HTTPXRequest(connection_pool_size=CONNECTIONS, pool_timeout=30),
+                        get_updates_request=HTTPXRequest(connection_pool_size=1))
+        self._pacer = ChatPacer(clock)
+        self._admins = ChatAdmins(self._bot, clock)
+        self._offset: int | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def bot(self) -> Bot:
+        return self._bot
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._bot.initialize()
+            await self._bot.delete_webhook()  # polling and a webhook exclude each other
+            await self._bot.set_my_commands(
+                [BotCommand(c.name, c.description) for c in self._commands])
+        except TelegramError as exc:
+            await self._bot.shutdown()
+            if isinstance(exc, InvalidToken | Forbidden):
+                raise ConfigError("CHINWAG_TELEGRAM_TOKEN was refused by Telegram") from exc
+            raise DeliveryError(f"cannot reach the Telegram Bot API: {exc}") from exc
+        await self._resume()
+        self._poller = asyncio.create_task(self._poll(), name="chinwag:telegram:poll")
+        logger.info("telegram: polling as @%s", self._bot.username)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop_receiving()
+        await self._bot.shutdown()
+
+    async def serve(self) -> None:
+        """Until stopped; raises ``ConfigError`` if Telegram revokes the token meanwhile."""
+        assert self._poller is not None
+        await asyncio.shield(self._poller)
+
+    async def stop_receiving(self) -> None:
+        """Take no more updates, and confirm the ones already stored."""
+        if self._poller is None:
+            return
+        poller, self._poller = self._poller, None
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConfigError):
+            await poller
+        if self._offset is not None:
+            with contextlib.suppress(TelegramError):
+                # Confirms everything below the offset; what it returns is redelivered later.
+                await self._bot.get_updates(offset=self._offset, limit=1, timeout=0)
+
+    async def _resume(self) -> None:
+        """Answer what a stop left unanswered (accepted but not replied to)."""
+        pending = await self._manager.pending(PLATFORM)
+        for item in pending:
+            chat_id = int(item.chat_id)
+            is_direct = chat_id > 0  # private chats have the user's (positive) id
+            incoming = IncomingMessage(
+                platform=PLATFORM, chat_id=item.chat_id, thread_id=item.thread_id,
+                author_id=item.message.author_id or "", author_name=item.author_name,
+                message_id=item.platform_message_id, text=item.message.text,
+                is_direct=is_direct, mentions_bot=not is_direct,
+                received_at=item.message.created_at,
+            )
+            self._submit(incoming, chat_id)
+        if pending:
+            logger.info("telegram: answering %s messages left from before the restart",
+                        len(pending))
+
+    async def _poll(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                updates = await self._bot.get_updates(offset=self._offset,
+                                                      timeout=self._poll_timeout,
+                                                      allowed_updates=ALLOWED_UPDATES)
+            except (InvalidToken, Forbidden) as exc:
+                logger.error("telegram: the token was refused (%s); stopping", exc)
+                raise ConfigError("CHINWAG_TELEGRAM_TOKEN was refused by Telegram") from exc
+            except RetryAfter as exc:
+                await asyncio.sleep(retry_seconds(exc))
+                continue
+            except (NetworkError, Conflict) as exc:
+                logger.warning("telegram: cannot get updates (%s); retrying in %s s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                continue
+            delay = 1.0
+            tickets = [(update.update_id, self._dispatch(update)) for update in updates]
+            # Acknowledge (with the next offset) only what the manager has taken.
+            for update_id, ticket in tickets:
+                if ticket is not None and not await asyncio.shield(ticket.accepted):
+                    return  # shutting down: the rest is redelivered after the restart
+                self._offset = update_id + 1
+
+    def _dispatch(self, update: Update) -> Ticket | None:
+        message = update.message
+        if message is None:
+            logger.debug("telegram: ignored update %s (not a new message)", update.update_id)
+            return None
+        try:
+            incoming = normalize(message, self._bot.id, self._bot.username)
+            if incoming is None:
+                return None
+            return self._submit(incoming, message.chat.id)
+        except Exception:
+            # The platform's top-level handler: one odd update never stops the others.
+            logger.exception("telegram:%s: could not handle update %s", message.chat.id,
+                             update.update_id)
+            return None
+
+    def _submit(self, incoming: IncomingMessage, chat_id: int) -> Ticket:
+        thread_id = int(incoming.thread_id) if incoming.thread_id else None
+        reply_to = None if incoming.is_direct else int(incoming.message_id)
+        sink = TelegramSink(self._bot, chat_id, thread_id, reply_to, self._pacer)
+        chat_admin = None if incoming.is_direct else partial(
+            self._admins.is_admin, chat_id, int(incoming.author_id))
+        return self._manager.submit(incoming, sink, chat_admin=chat_admin)
