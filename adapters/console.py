@@ -37,6 +37,9 @@ class ConsoleSink:
     def max_message_length(self) -> int:
         return MAX_MESSAGE_LENGTH
 
+    def fit(self, text: str) -> int:
+        return min(len(text), MAX_MESSAGE_LENGTH)
+
     async def send(self, text: str, *, final: bool = False) -> str:
         message_id = next(self._ids)
         self._shown[message_id] = ""

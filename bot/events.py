@@ -65,6 +65,11 @@ class ReplySink(Protocol):
     @property
     def max_message_length(self) -> int: ...
 
+    def fit(self, text: str) -> int:
+        """How many leading characters of ``text`` fit in one message (platforms count
+        length their own way: Telegram in UTF-16 code units)."""
+        ...
+
     async def send(self, text: str, *, final: bool = False) -> str:
         """Send a new message; returns its platform message id."""
         ...

@@ -27,7 +27,6 @@ class ReplyStream:
         self._interval = interval
         self._clock = clock
         self._key = key
-        self._limit = sink.max_message_length
         self._message_ids: list[str] = []
         self._current_id: str | None = None
         self._pending = ""
@@ -47,8 +46,8 @@ class ReplyStream:
     async def push(self, piece: str) -> None:
         self._text_parts.append(piece)
         self._pending += piece
-        while len(self._pending) > self._limit:
-            head, self._pending = split_first(self._pending, self._limit)
+        while (room := self._sink.fit(self._pending)) < len(self._pending):
+            head, self._pending = split_first(self._pending, room)
             await self._show(head, final=True)
             self._current_id = None
             self._shown = ""
@@ -60,8 +59,8 @@ class ReplyStream:
         text = self._pending
         if note:
             text = f"{text}\n\n{note}" if text.strip() else note
-            while len(text) > self._limit:
-                head, text = split_first(text, self._limit)
+            while (room := self._sink.fit(text)) < len(text):
+                head, text = split_first(text, room)
                 await self._show(head, final=True)
                 self._current_id = None
         if not text.strip() and not self._message_ids:

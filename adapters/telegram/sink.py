@@ -51,6 +51,17 @@ class TelegramSink:
     def max_message_length(self) -> int:
         return int(MessageLimit.MAX_TEXT_LENGTH)
 
+    def fit(self, text: str) -> int:
+        limit = self.max_message_length
+        if len(text) * 2 <= limit:
+            return len(text)  # fits even if every character takes two UTF-16 units
+        units = 0
+        for index, character in enumerate(text):
+            units += 2 if ord(character) > 0xFFFF else 1
+            if units > limit:
+                return index
+        return len(text)
+
     async def send(self, text: str, *, final: bool = False) -> str:
         reply = ReplyParameters(self._reply_to, allow_sending_without_reply=True) \
             if self._reply_to else None
@@ -81,7 +92,9 @@ class TelegramSink:
             return self._bot.edit_message_text(body, chat_id=self._chat_id,
                                                message_id=int(message_id), parse_mode=mode)
 
-        _result, formatted = await self._formatted("editMessageText", text, final, call)
+        _result, formatted = await self._formatted(
+            "editMessageText", text, final, call,
+            plain_shown=self._shown.get(message_id) == (text, False))
         self._shown[message_id] = (text, formatted)
 
     async def typing(self) -> None:
@@ -92,9 +105,10 @@ class TelegramSink:
             raise DeliveryError(f"sendChatAction: {exc}") from exc
 
     async def _formatted(self, what: str, text: str, final: bool,
-                         call: Callable[[str, str | None], Awaitable[T]]
-                         ) -> tuple[T | None, bool]:
-        """Make the call with the final text formatted, falling back to plain text."""
+                         call: Callable[[str, str | None], Awaitable[T]], *,
+                         plain_shown: bool = False) -> tuple[T | None, bool]:
+        """Make the call with the final text formatted, falling back to plain text (no call
+        at all if the message already shows it plain)."""
         if final:
             html = to_html(text)
             if has_markup(html, text):
@@ -105,6 +119,8 @@ class TelegramSink:
                         raise DeliveryError(f"{what}: {exc}") from exc
                     logger.warning("telegram:%s: formatting refused (%s); sending plain text",
                                    self._chat_id, exc)
+                    if plain_shown:
+                        return None, False
         try:
             return await self._call(what, final, lambda: call(text, None)), False
         except BadRequest as exc:

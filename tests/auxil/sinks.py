@@ -29,6 +29,9 @@ class RecordingSink:
     def max_message_length(self) -> int:
         return self.limit
 
+    def fit(self, text: str) -> int:
+        return min(len(text), self.limit)
+
     async def send(self, text: str, *, final: bool = False) -> str:
         assert len(text) <= self.limit, f"sent {len(text)} characters over the limit"
         assert text.strip(), "sent an empty message"
