@@ -39,7 +39,9 @@ class Question:
     platform: str
     author_id: str
     platform_message_id: str
-    is_direct: bool
+    whole_history: bool
+    """The context is the conversation's history (a direct chat, a listening channel),
+    not the reply chain."""
     received_at: datetime
     message: StoredMessage
     conversation: Conversation
@@ -65,7 +67,7 @@ class Responder:
         """Context candidates, newest first, by the conversation's context policy."""
         conversation, stored = question.conversation, question.message
         after = conversation.reset_after_id
-        if question.is_direct:
+        if question.whole_history:
             before = stored.id
             while True:
                 page = await self._store.history(conversation.id, after, before, HISTORY_PAGE)

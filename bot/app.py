@@ -7,8 +7,10 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Protocol, Self
 
 from adapters.console import run_console
 from bot.builtin_commands import builtin_commands
@@ -62,32 +64,69 @@ async def console(settings: Settings) -> None:
     await console_session(settings)
 
 
+class PlatformAdapter(Protocol):
+    """What `run` needs of an adapter, besides ``async with`` (connect, then close)."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None: ...
+
+    async def serve(self) -> None:
+        """Until stopped; raises on a fatal platform error (a revoked token)."""
+        ...
+
+    async def stop_receiving(self) -> None: ...
+
+
+def _adapters(settings: Settings, manager: DialogueManager) -> list[PlatformAdapter]:
+    adapters: list[PlatformAdapter] = []
+    if settings.telegram_token:
+        from adapters.telegram import TelegramAdapter
+
+        adapters.append(TelegramAdapter(settings.telegram_token.get_secret_value(), manager,
+                                        builtin_commands(), api_url=settings.telegram_api_url))
+    if settings.discord_token:
+        from adapters.discord import DiscordAdapter
+
+        adapters.append(DiscordAdapter(settings.discord_token.get_secret_value(), manager,
+                                       builtin_commands(), api_url=settings.discord_api_url,
+                                       gateway_url=settings.discord_gateway_url,
+                                       guild_ids=settings.discord_guild_ids))
+    return adapters
+
+
 async def run(settings: Settings) -> None:
     """Serve every platform whose token is set (the console when none is) until SIGTERM or
     SIGINT. Stopping goes in this order: take no more messages, let in-flight replies
-    finish within the grace period, then close the platform clients and the database."""
-    if settings.discord_token:
-        logger.error("Discord support is not part of this version yet; its token is ignored")
-    if not settings.telegram_token:
-        chatting = asyncio.create_task(console_session(settings))
-        if await _run_until_signal(chatting):
-            chatting.cancel()  # the manager still lets a running reply finish
+    finish within the grace period, then close the platform clients and the database.
+    A signal during start-up stops as soon as start-up is done."""
+    with _stop_signals() as signalled:
+        if not settings.telegram_token and not settings.discord_token:
+            chatting = asyncio.create_task(console_session(settings))
+            if await _until(chatting, signalled):
+                chatting.cancel()  # the manager still lets a running reply finish
+                with contextlib.suppress(asyncio.CancelledError):
+                    await chatting
+            chatting.result()
+            return
+        async with open_chinwag(settings) as manager, contextlib.AsyncExitStack() as stack:
+            adapters = [await stack.enter_async_context(adapter)
+                        for adapter in _adapters(settings, manager)]
+            serving = asyncio.create_task(_serve_all(adapters))
+            stopped = await _until(serving, signalled)
+            for adapter in adapters:
+                await adapter.stop_receiving()
+            await manager.close()
+            if not stopped:
+                serving.result()  # a fatal platform error (a revoked token) ends the run
+            serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await chatting
-        chatting.result()
-        return
-    from adapters.telegram import TelegramAdapter
+                await serving
 
-    async with open_chinwag(settings) as manager, TelegramAdapter(
-        settings.telegram_token.get_secret_value(), manager, builtin_commands(),
-        api_url=settings.telegram_api_url,
-    ) as telegram:
-        serving = asyncio.create_task(telegram.serve())
-        stopped = await _run_until_signal(serving)
-        await telegram.stop_receiving()
-        await manager.close()
-        if not stopped:
-            serving.result()  # a fatal platform error (a revoked token) ends the run
+
+async def _serve_all(adapters: list[PlatformAdapter]) -> None:
+    await asyncio.gather(*(adapter.serve() for adapter in adapters))
 
 
 async def console_session(settings: Settings) -> None:
@@ -95,19 +134,27 @@ async def console_session(settings: Settings) -> None:
         await run_console(manager)
 
 
-async def _run_until_signal(task: asyncio.Task[None]) -> bool:
-    """Wait for the task or a stop signal; returns whether a signal came first."""
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[asyncio.Event]:
+    """SIGTERM and SIGINT set the event instead of killing the process."""
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signalled.set)
+    try:
+        yield signalled
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _until(task: asyncio.Task[None], signalled: asyncio.Event) -> bool:
+    """Wait for the task or a stop signal; returns whether a signal came first."""
     waiter = asyncio.create_task(signalled.wait())
     try:
         await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
     if signalled.is_set():
         logger.info("stopping on signal")
     return signalled.is_set()

@@ -102,6 +102,19 @@ async def _stats(ctx: CommandContext) -> str:
     )
 
 
+async def _listen(ctx: CommandContext) -> str:
+    mode = ctx.args.get("mode")
+    if ctx.message.is_direct:
+        return "In a direct chat I answer every message anyway."
+    if mode is None:
+        state = "every message" if ctx.conversation.answer_all else "mentions and replies"
+        return f"Here I answer {state}. /listen on|off changes it."
+    await ctx.store.set_answer_all(ctx.conversation.id, mode == "on")
+    if mode == "on":
+        return "From now on I answer every message here."
+    return "From now on I answer here only when mentioned or replied to."
+
+
 async def _forget(ctx: CommandContext) -> str:
     message = ctx.message
     deleted = await ctx.store.forget_user(message.platform, message.author_id)
@@ -145,6 +158,9 @@ def builtin_commands() -> CommandRegistry:
         Command("settings", "show or change temperature and max_reply_tokens", _settings,
                 (Argument("name", "the setting to change", choices=_SETTING_NAMES),
                  Argument("value", "its new value, or 'default'")),
+                Access.ADMIN_IN_GROUPS),
+        Command("listen", "answer every message in this channel, or only mentions", _listen,
+                (Argument("mode", "on or off", choices=("on", "off")),),
                 Access.ADMIN_IN_GROUPS),
         Command("stats", "usage figures", _stats, access=Access.ADMIN),
         Command("forget", "delete everything stored about you", _forget),

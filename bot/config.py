@@ -57,11 +57,24 @@ class Settings(BaseSettings):
     discord_token: SecretStr | None = None
     telegram_api_url: str = "https://api.telegram.org"
     """The Bot API server's root; the bot calls ``<root>/bot<token>/<method>``."""
+    discord_api_url: str = "https://discord.com/api/v10"
+    """Discord's REST base, version included."""
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
+    discord_guild_ids: Annotated[tuple[int, ...], NoDecode] = ()
+    """Servers to register slash commands in at once (global registration can take an
+    hour to show); empty means global."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("admins", mode="before")
     @classmethod
     def _split_admins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("discord_guild_ids", mode="before")
+    @classmethod
+    def _split_guild_ids(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value

@@ -186,7 +186,9 @@ class DialogueManager:
         text = message.text.strip()
         call = parse_call(text)
         if call is None and not message.addressed_to_bot:
-            return None
+            listening = await self._store.find_conversation(key)
+            if listening is None or not listening.answer_all:
+                return None
         if await self._store.touch_user(message.platform, message.author_id,
                                         message.author_name):
             logger.info("%s: ignored message %s from blocked user %s", key,
@@ -217,7 +219,8 @@ class DialogueManager:
         if not admission.new:
             logger.info("%s: answering message %s left pending", key, message.message_id)
         return Question(key=key, platform=message.platform, author_id=message.author_id,
-                        platform_message_id=message.message_id, is_direct=message.is_direct,
+                        platform_message_id=message.message_id,
+                        whole_history=message.is_direct or conversation.answer_all,
                         received_at=message.received_at, message=admission.message,
                         conversation=conversation)
 

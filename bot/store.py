@@ -36,6 +36,9 @@ class Conversation:
     max_reply_tokens: int | None
     reset_after_id: int
     """Messages with an id at or below this are outside the context (``/reset``)."""
+    answer_all: bool = False
+    """A group chat where every message is answered (``/listen on``), not only mentions
+    and replies; its context is then the whole history, as in a direct chat."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,12 @@ class Store(Protocol):
     async def conversation(self, key: str) -> Conversation:
         """The conversation with this key, created on first use."""
         ...
+
+    async def find_conversation(self, key: str) -> Conversation | None:
+        """The conversation with this key if it exists (read only)."""
+        ...
+
+    async def set_answer_all(self, conversation_id: int, answer_all: bool) -> None: ...
 
     async def touch_user(self, platform: str, user_id: str, display_name: str) -> bool:
         """Record or update a user; returns whether they are blocked."""

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncAttrs
@@ -62,6 +63,7 @@ class ConversationRow(Base):
     temperature: Mapped[float | None] = mapped_column(Float)
     max_reply_tokens: Mapped[int | None] = mapped_column(Integer)
     reset_after_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    answer_all: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -39,6 +39,7 @@ def _conversation(row: ConversationRow) -> Conversation:
         temperature=row.temperature,
         max_reply_tokens=row.max_reply_tokens,
         reset_after_id=row.reset_after_id,
+        answer_all=row.answer_all,
     )
 
 
@@ -91,7 +92,7 @@ class SqlStore:
             async with self._transaction() as session:
                 row = ConversationRow(
                     key=key, platform=platform, chat_id=chat_id, thread_id=thread_id or None,
-                    reset_after_id=0,
+                    reset_after_id=0, answer_all=False,
                 )
                 session.add(row)
             return _conversation(row)
@@ -103,6 +104,17 @@ class SqlStore:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
             assert row is not None
             return _conversation(row)
+
+    async def find_conversation(self, key: str) -> Conversation | None:
+        async with self._transaction() as session:
+            row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
+            return None if row is None else _conversation(row)
+
+    async def set_answer_all(self, conversation_id: int, answer_all: bool) -> None:
+        async with self._transaction() as session:
+            await session.execute(update(ConversationRow)
+                                  .where(ConversationRow.id == conversation_id)
+                                  .values(answer_all=answer_all))
 
     async def touch_user(self, platform: str, user_id: str, display_name: str) -> bool:
         async with self._transaction() as session:

@@ -52,7 +52,7 @@ def test_arguments_are_checked() -> None:
 def test_registry_defines_each_command_once() -> None:
     registry = builtin_commands()
     assert {c.name for c in registry} == {"help", "reset", "persona", "settings", "stats",
-                                          "forget", "block", "unblock"}
+                                          "forget", "block", "unblock", "listen"}
     with pytest.raises(ValueError):
         registry.add(Command("help", "", _noop))
 
@@ -149,3 +149,23 @@ async def test_help_lists_every_command(manager: DialogueManager) -> None:
     for command in builtin_commands():
         assert f"/{command.name}" in sink.texts[0]
     assert Access.ADMIN.value in sink.texts[0] or "(admins)" in sink.texts[0]
+
+
+async def test_listen_makes_a_group_answer_every_message(manager: DialogueManager,
+                                                         generator: ScriptedGenerator) -> None:
+    sink = RecordingSink()
+    await manager.handle(group("first chatter"), sink)
+    await manager.handle(group("/listen on"), sink)  # a member may not
+    assert sink.texts == ["Sorry, /listen is for admins only."]
+    await manager.handle(group("/listen on", chat_admin=True), sink)
+    await manager.handle(group("second chatter", user="u2"), sink)
+    await manager.handle(group("third chatter", user="u3"), sink)
+    assert sink.texts[-2:] == ["second chatter", "third chatter"]
+    # The whole channel is the context now, whoever speaks.
+    assert [m.content for m in generator.prompts[-1][1:]] == [
+        "second chatter", "second chatter", "third chatter"]
+    await manager.handle(group("/listen off", chat_admin=True), sink)
+    await manager.handle(group("fourth chatter"), sink)
+    assert sink.texts[-1].startswith("From now on I answer here only")
+    await manager.handle(dm("/listen on", user="u9"), sink)
+    assert sink.texts[-1] == "In a direct chat I answer every message anyway."

@@ -1,0 +1,189 @@
+"""The Discord adapter on discord.py: servers, threads, DMs and slash commands, inside
+Chinwag's own event loop (``login`` + ``connect``, never ``Client.run``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+
+from adapters.discord.normalize import PLATFORM, is_direct, normalize
+from adapters.discord.sink import ChannelSink, InteractionSink
+from adapters.discord.slash import add_commands, command_text
+from bot.commands import Command, CommandRegistry
+from bot.dialogue import DialogueManager
+from bot.errors import ConfigError, DeliveryError
+from bot.events import IncomingMessage
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0
+
+
+class _Gateway(discord.Client):
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        super().__init__(**options)
+        self._adapter = adapter
+
+    async def on_message(self, message: discord.Message) -> None:
+        self._adapter.on_message(message)
+
+    async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
+        # The platform's top-level handler: one bad event never stops the others.
+        logger.exception("discord: error while handling %s", event_method)
+
+
+class DiscordAdapter:
+    def __init__(self, token: str, manager: DialogueManager, commands: CommandRegistry, *,
+                 api_url: str, gateway_url: str, guild_ids: Sequence[int] = ()) -> None:
+        # discord.py reads its REST base and gateway from class attributes only.
+        Route.BASE = api_url.rstrip("/")
+        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+        # Chinwag never joins voice: no warnings about voice libraries at every start.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+        self._token = token
+        self._manager = manager
+        self._guild_ids = tuple(guild_ids)
+        intents = discord.Intents.default()
+        intents.message_content = True
+        self._client = _Gateway(self, intents=intents,
+                                allowed_mentions=discord.AllowedMentions.none())
+        self._tree: app_commands.CommandTree[Any] = app_commands.CommandTree(self._client)
+        self._tree.on_error = self._on_command_error  # type: ignore[method-assign]
+        add_commands(self._tree, commands, self._on_command)
+        self._connection: asyncio.Task[None] | None = None
+        self._receiving = False
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._client.login(self._token)
+        except discord.LoginFailure as exc:
+            await self._client.close()
+            raise ConfigError("CHINWAG_DISCORD_TOKEN was refused by Discord") from exc
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            await self._client.close()
+            raise DeliveryError(f"cannot reach the Discord API: {exc}") from exc
+        self._receiving = True
+        self._connection = asyncio.create_task(self._client.connect(reconnect=True),
+                                               name="chinwag:discord:gateway")
+        ready = asyncio.create_task(self._client.wait_until_ready())
+        done, _ = await asyncio.wait([self._connection, ready], timeout=READY_TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            error = self._connection.exception() if self._connection in done else None
+            await self._close()
+            if isinstance(error, discord.PrivilegedIntentsRequired):
+                raise ConfigError(
+                    "Discord refused the message content intent: enable it for the bot in the "
+                    "developer portal (Bot → Privileged Gateway Intents)") from error
+            raise DeliveryError(f"cannot connect to the Discord gateway: {error}")
+        await self._sync_commands()
+        await self._resume()
+        assert self._client.user is not None
+        logger.info("discord: connected as %s", self._client.user)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self._close()
+
+    async def serve(self) -> None:
+        """Until stopped; raises if the gateway connection ends for good."""
+        assert self._connection is not None
+        await asyncio.shield(self._connection)
+
+    async def stop_receiving(self) -> None:
+        self._receiving = False
+
+    async def _close(self) -> None:
+        self._receiving = False
+        await self._client.close()
+        if self._connection is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._connection
+
+    async def _sync_commands(self) -> None:
+        try:
+            if self._guild_ids:
+                for guild_id in self._guild_ids:
+                    guild = discord.Object(guild_id)
+                    self._tree.copy_global_to(guild=guild)
+                    await self._tree.sync(guild=guild)
+            else:
+                await self._tree.sync()
+        except discord.HTTPException as exc:
+            # Commands still work by @mention; say so rather than refuse to start.
+            logger.error("discord: could not register slash commands: %s", exc)
+
+    async def _resume(self) -> None:
+        """Answer what a stop left unanswered (accepted but not replied to)."""
+        pending = await self._manager.pending(PLATFORM)
+        for item in pending:
+            try:
+                channel = self._client.get_channel(int(item.chat_id)) \
+                    or await self._client.fetch_channel(int(item.chat_id))
+            except discord.HTTPException as exc:
+                logger.warning("%s: cannot answer %s left from before the restart: %s",
+                               item.conversation_key, item.platform_message_id, exc)
+                continue
+            if not isinstance(channel, discord.abc.Messageable):
+                continue
+            direct = is_direct(channel)
+            incoming = IncomingMessage(
+                platform=PLATFORM, chat_id=item.chat_id, author_id=item.message.author_id or "",
+                author_name=item.author_name, message_id=item.platform_message_id,
+                text=item.message.text, is_direct=direct, mentions_bot=not direct,
+                received_at=item.message.created_at,
+            )
+            question = discord.PartialMessage(channel=channel,
+                                              id=int(item.platform_message_id))
+            self._manager.submit(incoming, ChannelSink(channel, question,
+                                                       incoming.conversation_key))
+        if pending:
+            logger.info("discord: answering %s messages left from before the restart",
+                        len(pending))
+
+    def on_message(self, message: discord.Message) -> None:
+        if not self._receiving or self._client.user is None:
+            return
+        incoming = normalize(message, self._client.user.id)
+        if incoming is None:
+            return
+        sink = ChannelSink(message.channel, message, incoming.conversation_key)
+        # submit() queues before returning, so messages keep their order per channel.
+        self._manager.submit(incoming, sink)
+
+    async def _on_command(self, interaction: discord.Interaction, command: Command,
+                          options: Mapping[str, str | None]) -> None:
+        # Answer within Discord's 3 s at once; the real answer follows, visible to the caller.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if not self._receiving:
+            await interaction.edit_original_response(content="I am restarting; try again "
+                                                     "in a moment.")
+            return
+        permissions = interaction.permissions
+        incoming = IncomingMessage(
+            platform=PLATFORM, chat_id=str(interaction.channel_id),
+            author_id=str(interaction.user.id), author_name=interaction.user.display_name,
+            message_id=f"interaction-{interaction.id}", text=command_text(command, options),
+            is_direct=is_direct(interaction.channel) or interaction.guild_id is None,
+            mentions_bot=True,
+            author_is_chat_admin=interaction.guild_id is not None
+            and permissions.manage_guild,
+        )
+        self._manager.submit(incoming, InteractionSink(interaction))
+
+    async def _on_command_error(self, interaction: discord.Interaction,
+                                error: app_commands.AppCommandError) -> None:
+        logger.error("discord:%s: slash command failed: %s", interaction.channel_id, error)

@@ -1,0 +1,344 @@
+"""The real discord.py client against a loopback Discord gateway and REST emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from adapters.discord import DiscordAdapter
+from bot.answering import SHUTDOWN_NOTE
+from bot.builtin_commands import builtin_commands
+from bot.commands import Access
+from bot.config import Settings
+from bot.dialogue import DialogueManager
+from bot.errors import ConfigError
+from storage.repository import SqlStore
+from tests.auxil.discord_api import CHANNEL, DiscordEmulator
+from tests.auxil.generators import ScriptedGenerator
+
+ADMIN = 42
+MOD = 43
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"admins": (f"discord:{ADMIN}",)})
+
+
+@asynccontextmanager
+async def serving(emulator: DiscordEmulator,
+                  manager: DialogueManager) -> AsyncIterator[DiscordAdapter]:
+    async with DiscordAdapter(emulator.token, manager, builtin_commands(),
+                              api_url=emulator.api_url,
+                              gateway_url=emulator.gateway_url) as adapter:
+        yield adapter
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[DiscordEmulator]:
+    async with DiscordEmulator() as emulator:
+        emulator.admins.add(str(MOD))
+        yield emulator
+
+
+@pytest.fixture
+async def dc(emulator: DiscordEmulator,
+             manager: DialogueManager) -> AsyncIterator[DiscordEmulator]:
+    async with serving(emulator, manager):
+        yield emulator
+
+
+async def answered(dc: DiscordEmulator, manager: DialogueManager, channel: str,
+                   texts: list[str], timeout: float = 15.0) -> None:  # noqa: ASYNC109
+    """Wait until a channel shows these texts and their replies are stored."""
+    await dc.wait_for(lambda: dc.channel_texts(channel) == texts
+                      and not manager.active_conversations, timeout)
+
+
+def creates(dc: DiscordEmulator) -> list[dict[str, object]]:
+    return [r.body for r in dc.calls("POST", "/messages")]
+
+
+# Conversations.
+
+async def test_direct_message_round_trip(dc: DiscordEmulator, manager: DialogueManager,
+                                         generator: ScriptedGenerator) -> None:
+    generator.gate = asyncio.Event()
+    asked = dc.post("hello from discord", dm=True, author=5)
+    await dc.wait_for(lambda: bool(dc.calls("POST", "/typing")))  # typing while it thinks
+    generator.gate.set()
+    await answered(dc, manager, dc.dm_channel(5), ["hello from discord"])
+    [body] = creates(dc)
+    assert str(body["message_reference"]["message_id"]) == asked  # type: ignore[index]
+
+
+async def test_channel_answers_only_when_mentioned(dc: DiscordEmulator,
+                                                   manager: DialogueManager,
+                                                   generator: ScriptedGenerator) -> None:
+    dc.post("people talking among themselves", author=7)
+    asked = dc.post("what is up", author=7, mention=True)
+    await answered(dc, manager, CHANNEL, ["what is up"])
+    [body] = creates(dc)
+    assert str(body["message_reference"]["message_id"]) == asked  # type: ignore[index]
+    assert len(generator.prompts) == 1
+
+
+async def test_reply_to_the_bot_continues_the_chain(dc: DiscordEmulator,
+                                                    manager: DialogueManager,
+                                                    generator: ScriptedGenerator) -> None:
+    dc.post("first", author=3, mention=True)
+    await answered(dc, manager, CHANNEL, ["first"])
+    [bot_message] = list(dc.messages)
+    dc.post("second", author=3, reply_to=bot_message)
+    await answered(dc, manager, CHANNEL, ["first", "second"])
+    assert [m.content for m in generator.prompts[-1][1:]] == ["first", "first", "second"]
+
+
+async def test_a_thread_keeps_its_own_history(dc: DiscordEmulator, manager: DialogueManager,
+                                              generator: ScriptedGenerator) -> None:
+    thread = dc.add_channel("800000000000000077", thread_of=CHANNEL)
+    dc.post("apples in the thread", author=3, channel=thread, mention=True)
+    await answered(dc, manager, thread, ["apples in the thread"])
+    dc.post("pears in the channel", author=3, mention=True)
+    await answered(dc, manager, CHANNEL, ["pears in the channel"])
+    dc.post("and now?", author=3, channel=thread, mention=True)
+    await answered(dc, manager, thread, ["apples in the thread", "and now?"])
+    contents = [m.content for m in generator.prompts[-1][1:]]
+    assert contents == ["apples in the thread", "apples in the thread", "and now?"]
+
+
+async def test_fifty_channels_at_once_each_get_their_own_answer(
+        dc: DiscordEmulator, manager: DialogueManager, generator: ScriptedGenerator) -> None:
+    generator.gate = asyncio.Event()
+    channels = [dc.add_channel(f"81{n:016d}") for n in range(50)]
+    for n, channel in enumerate(channels):
+        dc.post(f"question {n}", author=100 + n, channel=channel, mention=True)
+    await dc.wait_for(lambda: generator.running == 50, timeout=30)  # all generating at once
+    generator.gate.set()
+    await dc.wait_for(lambda: all(dc.channel_texts(c) == [f"question {n}"]
+                                  for n, c in enumerate(channels)), timeout=30)
+
+
+# Output safety, length and rate limits.
+
+async def test_model_output_pings_nobody(dc: DiscordEmulator, manager: DialogueManager,
+                                         generator: ScriptedGenerator) -> None:
+    ping = "@everyone @here <@&700000000000000002> <@1> look!"
+    generator.reply = lambda _m: ping
+    dc.post("say something loud", author=3, mention=True)
+    await answered(dc, manager, CHANNEL, [ping])
+    bodies = [r.body for r in dc.requests if "/messages" in r.path and r.method in
+              {"POST", "PATCH"}]
+    for body in bodies:  # nobody may be pinged by any create or edit
+        allowed = body["allowed_mentions"]
+        assert allowed["parse"] == [] and not allowed.get("replied_user")
+        assert not allowed.get("users") and not allowed.get("roles")
+    assert bodies
+
+
+def long_markdown() -> str:
+    parts = []
+    for n in range(7):
+        parts.append(f"Paragraph {n}: " + "words " * 70)
+        parts.append("```python\n" + "\n".join(f"value_{n}_{i} = {i}" for i in range(25))
+                     + "\n```")
+    return "\n\n".join(parts)
+
+
+async def test_a_long_reply_arrives_whole_with_code_blocks_intact(
+        dc: DiscordEmulator, manager: DialogueManager, generator: ScriptedGenerator) -> None:
+    text = long_markdown()
+    assert len(text) > 5000
+    generator.reply = lambda _m: text
+    generator.pieces_count = 30
+    dc.post("write a lot", author=3, mention=True)
+    await dc.wait_for(lambda: len(dc.channel_texts(CHANNEL)) >= 3
+                      and not manager.active_conversations, timeout=20)
+    messages = dc.channel_texts(CHANNEL)
+    assert all(len(m) <= 2000 for m in messages)
+    assert re.sub(r"\s", "", "".join(messages)) == re.sub(r"\s", "", text)
+    for message in messages:  # every message's fences are balanced: blocks kept whole
+        assert message.count("```") % 2 == 0
+
+
+async def test_rate_limits_during_streaming_still_deliver_the_final_text(
+        dc: DiscordEmulator, manager: DialogueManager, generator: ScriptedGenerator) -> None:
+    generator.pieces_count = 8
+    dc.fail("PATCH", "/messages/", 429, times=2, retry_after=0.3)
+    dc.fail("POST", f"/channels/{CHANNEL}/messages", 429, retry_after=0.3)
+    text = "a reply streamed in eight pieces while Discord says slow down"
+    dc.post(text, author=3, mention=True)
+    await answered(dc, manager, CHANNEL, [text])
+    assert len([r for r in dc.requests if r.status == 429]) == 3
+
+
+# Slash commands.
+
+async def test_slash_commands_are_synced_with_typed_options(dc: DiscordEmulator) -> None:
+    [sync] = dc.calls("PUT", "/commands")
+    synced = {c["name"]: c for c in sync.body}  # type: ignore[union-attr]
+    assert set(synced) == {c.name for c in builtin_commands()}
+    setting = {o["name"]: o for o in synced["settings"]["options"]}
+    assert [c["value"] for c in setting["name"]["choices"]] == ["temperature",
+                                                                 "max_reply_tokens"]
+    assert not setting["name"]["required"]
+
+
+ADMIN_COMMANDS = [c for c in builtin_commands() if c.access is not Access.EVERYONE]
+
+
+@pytest.mark.parametrize("command", [c.name for c in ADMIN_COMMANDS])
+async def test_admin_commands_are_refused_to_members_ephemerally(
+        dc: DiscordEmulator, command: str) -> None:
+    options = {"user": "123"} if command in {"block", "unblock"} else {}
+    token = dc.interact(command, options, author=7)
+    await dc.wait_for(lambda: len(dc.interaction_replies[token]) >= 2)
+    callback, answer = dc.interaction_replies[token][:2]
+    assert callback["type"] == 5 and callback["data"]["flags"] & 64  # deferred, ephemeral
+    assert answer["content"] == f"Sorry, /{command} is for admins only."
+
+
+@pytest.mark.parametrize("author", [ADMIN, MOD])
+async def test_admin_commands_for_configured_admins_and_server_managers(
+        dc: DiscordEmulator, author: int) -> None:
+    token = dc.interact("persona", {"text": "Speak like a pirate."}, author=author)
+    await dc.wait_for(lambda: len(dc.interaction_replies[token]) >= 2)
+    assert dc.interaction_replies[token][1]["content"].startswith("Persona set")
+    token = dc.interact("stats", author=author)
+    await dc.wait_for(lambda: len(dc.interaction_replies[token]) >= 2)
+    assert "messages" in dc.interaction_replies[token][1]["content"].lower()
+
+
+async def test_reset_clears_the_context_of_that_channel_only(
+        dc: DiscordEmulator, manager: DialogueManager, generator: ScriptedGenerator) -> None:
+    other = dc.add_channel("800000000000000020")
+    dc.post("remember apples", author=3, mention=True)
+    dc.post("remember pears", author=3, channel=other, mention=True)
+    await answered(dc, manager, CHANNEL, ["remember apples"])
+    await answered(dc, manager, other, ["remember pears"])
+    token = dc.interact("reset", author=3)
+    await dc.wait_for(lambda: len(dc.interaction_replies[token]) >= 2)
+    dc.post("what now?", author=3, mention=True)
+    await answered(dc, manager, CHANNEL, ["remember apples", "what now?"])
+    assert [m.content for m in generator.prompts[-1][1:]] == ["what now?"]
+    dc.post("and here?", author=3, channel=other, mention=True)
+    await answered(dc, manager, other, ["remember pears", "and here?"])
+    assert [m.content for m in generator.prompts[-1][1:]] == [
+        "remember pears", "remember pears", "and here?"]
+
+
+# Other events and the connection.
+
+async def test_other_messages_are_ignored_or_get_a_note(
+        dc: DiscordEmulator, manager: DialogueManager,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    dc.post("I am another bot @mention", author=9, mention=True, bot_author=True)
+    dc.post("echo of myself", author=0, mention=True, bot_author=True)
+    dc.post("", author=3, kind=7)  # a member joined: a system message
+    picture = {"id": "1", "filename": "cat.png", "size": 10, "url": "http://x/cat.png",
+               "proxy_url": "http://x/cat.png"}
+    dc.post("", author=3, dm=True, attachments=[picture])
+    dc.post("still here?", author=3, dm=True)
+    await answered(dc, manager, dc.dm_channel(3), [
+        "I can only read text for now, so I cannot see that attachment.", "still here?"])
+    assert dc.channel_texts(CHANNEL) == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_dropped_gateway_resumes_without_losing_a_message(
+        dc: DiscordEmulator, manager: DialogueManager) -> None:
+    dc.post("before the drop", author=3, mention=True)
+    await answered(dc, manager, CHANNEL, ["before the drop"])
+    await dc.drop_connection()
+    dc.post("during the drop", author=3, mention=True)  # delivered on RESUME
+    await answered(dc, manager, CHANNEL, ["before the drop", "during the drop"], timeout=30)
+    assert dc.resumed == 1 and dc.identified == 1
+
+
+async def test_bad_token_is_one_clear_error(emulator: DiscordEmulator,
+                                            manager: DialogueManager) -> None:
+    emulator.token = "the-right-one"
+    with pytest.raises(ConfigError, match="CHINWAG_DISCORD_TOKEN"):
+        async with DiscordAdapter("wrong", manager, builtin_commands(),
+                                  api_url=emulator.api_url, gateway_url=emulator.gateway_url):
+            pass
+
+
+async def test_a_refused_message_content_intent_is_one_clear_error(
+        emulator: DiscordEmulator, manager: DialogueManager) -> None:
+    emulator.refuse_message_content = True
+    with pytest.raises(ConfigError, match="message content intent"):
+        async with serving(emulator, manager):
+            pass
+
+
+async def test_chinwag_run_serves_discord(emulator: DiscordEmulator, tmp_path: Path) -> None:
+    import asyncio.subprocess as aproc
+    import os
+    import signal
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update({"CHINWAG_DISCORD_TOKEN": emulator.token, "CHINWAG_GENERATOR": "echo",
+                "CHINWAG_DISCORD_API_URL": emulator.api_url,
+                "CHINWAG_DISCORD_GATEWAY_URL": emulator.gateway_url,
+                "CHINWAG_DATA_DIR": str(tmp_path), "NO_PROXY": "127.0.0.1"})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", env=env, stdin=aproc.DEVNULL,
+        stdout=aproc.PIPE, stderr=aproc.PIPE, cwd=Path(__file__).parents[1])
+    try:
+        await emulator.ready(timeout=60)
+        emulator.post("over the wire", author=11, dm=True)
+        await emulator.wait_for(
+            lambda: emulator.channel_texts(emulator.dm_channel(11)) == ["over the wire"],
+            timeout=60)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    assert emulator.token not in err.decode()  # the token is never logged
+
+
+async def test_an_admin_can_make_a_channel_answer_every_message(
+        dc: DiscordEmulator, manager: DialogueManager) -> None:
+    dc.post("nobody asked me", author=3)
+    token = dc.interact("listen", {"mode": "on"}, author=MOD)
+    await dc.wait_for(lambda: len(dc.interaction_replies[token]) >= 2)
+    assert dc.interaction_replies[token][1]["content"].startswith("From now on I answer every")
+    dc.post("now everyone is answered", author=3)
+    await answered(dc, manager, CHANNEL, ["now everyone is answered"])
+
+
+async def test_a_restart_answers_what_the_stop_left_and_nothing_twice(
+        emulator: DiscordEmulator, store: SqlStore, settings: Settings) -> None:
+    first = ScriptedGenerator()
+    async with DialogueManager(store=store, generator=first, settings=settings,
+                               commands=builtin_commands(), shutdown_grace=0.2) as manager:
+        async with serving(emulator, manager) as adapter:
+            emulator.post("one", author=15, dm=True)
+            await answered(emulator, manager, emulator.dm_channel(15), ["one"])
+            first.hang = True
+            emulator.post("two", author=15, dm=True)
+            await emulator.wait_for(lambda: first.running == 1)
+            # Stop the way `chinwag run` does on SIGTERM.
+            await adapter.stop_receiving()
+            await manager.close()
+    assert emulator.channel_texts(emulator.dm_channel(15)) == ["one", SHUTDOWN_NOTE]
+    second = ScriptedGenerator()
+    async with DialogueManager(store=store, generator=second, settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        await answered(emulator, manager, emulator.dm_channel(15), ["one", SHUTDOWN_NOTE, "two"])
+    assert [m[-1].content for m in second.prompts] == ["two"]
