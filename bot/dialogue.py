@@ -43,6 +43,7 @@ EMPTY_NOTE = "Your message was empty: send me some text."
 UNSUPPORTED_NOTE = "I can only read text for now, so I cannot see that {what}."
 INTAKE_FAILED_NOTE = "Sorry, I could not take your message just now. Please send it again."
 PENDING_LIMIT = 1000
+LATE_INTAKE_S = 5.0
 
 AdminCheck = Callable[[], Awaitable[bool]]
 """Asks the platform whether the author administers the chat; called only when a command
@@ -88,6 +89,7 @@ class DialogueManager:
                                     clock=clock)
         self._lanes: dict[str, _Lane] = {}
         self._closing = False
+        self._closed = False
 
     async def __aenter__(self) -> Self:
         return self
@@ -105,17 +107,25 @@ class DialogueManager:
         return self._closing
 
     async def close(self) -> None:
-        """Stop taking messages; let running work finish within the grace period, then end
-        in-flight replies with a note (their messages stay pending for the next start)."""
+        """Stop answering: running replies get the grace period to finish, then end with a
+        note. Messages that arrive meanwhile are still stored (as pending, for the next start
+        to answer) but not answered, and commands are not run; after ``close`` returns,
+        nothing more is taken."""
+        if self._closed:
+            return
         self._closing = True
         tasks = [task for lane in self._lanes.values()
                  for task in (lane.intake, lane.worker) if task is not None]
-        if not tasks:
-            return
-        _done, pending = await asyncio.wait(tasks, timeout=self._grace)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=self._grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        # Intakes that started during the grace period only store; let them finish.
+        late = [lane.intake for lane in self._lanes.values() if lane.intake is not None]
+        if late:
+            await asyncio.wait(late, timeout=LATE_INTAKE_S)
+        self._closed = True
 
     def submit(self, message: IncomingMessage, sink: ReplySink, *,
                chat_admin: AdminCheck | None = None) -> Ticket:
@@ -124,8 +134,8 @@ class DialogueManager:
         loop = asyncio.get_running_loop()
         ticket = Ticket(loop.create_future(), loop.create_future())
         key = message.conversation_key
-        if self._closing:
-            logger.info("%s: not taking message %s, shutting down", key, message.message_id)
+        if self._closed:
+            logger.info("%s: not taking message %s, shut down", key, message.message_id)
             ticket.accepted.set_result(False)
             ticket.done.set_result(None)
             return ticket
@@ -160,6 +170,11 @@ class DialogueManager:
                 logger.exception("%s: could not take message %s", key, message.message_id)
                 outcome = INTAKE_FAILED_NOTE
             _settle(ticket.accepted, True)
+            if self._closing:
+                if isinstance(outcome, Question):
+                    logger.info("%s: stored %s to answer after the restart", key,
+                                message.message_id)
+                return
             if isinstance(outcome, Question):
                 lane.in_flight.add(message.message_id)
                 lane.answers.append((outcome, sink, ticket))
@@ -196,6 +211,9 @@ class DialogueManager:
             return None
         conversation = await self._store.conversation(key)
         if call is not None:
+            if self._closing:
+                logger.info("%s: not running /%s while stopping", key, call.name)
+                return None
             return await self._run_command(call, message, conversation, chat_admin)
         if not text:
             if message.unsupported:

@@ -12,7 +12,7 @@ from bot.generators import ChatMessage
 from storage.models import MessageRow
 from storage.repository import SqlStore
 from tests.auxil.factories import dm, group
-from tests.auxil.generators import ScriptedGenerator
+from tests.auxil.generators import ScriptedGenerator, wait_running
 from tests.auxil.sinks import RecordingSink
 
 
@@ -47,11 +47,7 @@ async def test_conversations_run_concurrently(manager: DialogueManager,
     sinks = [RecordingSink() for _ in range(5)]
     futures = [manager.submit(dm(f"hi {n}", user=f"u{n}"), sinks[n]) for n in range(5)]
     # All five are generating at once before any is let through.
-    for _ in range(200):
-        if generator.running == 5:
-            break
-        await asyncio.sleep(0.01)
-    assert generator.running == 5
+    await wait_running(generator, 5)
     generator.gate.set()
     await asyncio.gather(*futures)
     assert [s.texts for s in sinks] == [[f"hi {n}"] for n in range(5)]
@@ -230,10 +226,7 @@ async def test_shutdown_ends_an_in_flight_reply_with_a_note(
                               commands=builtin_commands(), shutdown_grace=0.1)
     sink = RecordingSink()
     future = manager.submit(dm("long question"), sink)
-    for _ in range(500):
-        if generator.running:
-            break
-        await asyncio.sleep(0.01)
+    await wait_running(generator)
     await manager.close()
     await asyncio.wait_for(future, 1)  # the adapter waiting on it is released
     assert "restarting" in sink.texts[-1]
@@ -264,10 +257,7 @@ async def test_a_redelivered_pending_message_is_answered_once(
     generator.gate = asyncio.Event()
     sink = RecordingSink()
     first = manager.submit(dm("hello", message_id="m-re"), sink)
-    for _ in range(500):
-        if generator.running:
-            break
-        await asyncio.sleep(0.01)
+    await wait_running(generator)
     again = manager.submit(dm("hello", message_id="m-re"), sink)  # while it is answered
     await again
     generator.gate.set()
@@ -342,3 +332,24 @@ async def test_chat_admin_is_asked_only_when_a_command_needs_it(
     assert asked == []
     await manager.submit(group("/persona Be terse."), sink, chat_admin=is_admin)
     assert asked == ["asked"] and sink.texts[-1].startswith("Persona set")
+
+
+async def test_messages_arriving_while_stopping_are_stored_not_answered(
+        store: SqlStore, settings: Settings, engine: AsyncEngine) -> None:
+    generator = ScriptedGenerator(hang=True)
+    manager = DialogueManager(store=store, generator=generator, settings=settings,
+                              commands=builtin_commands(), shutdown_grace=0.5)
+    sink = RecordingSink()
+    manager.submit(dm("in flight"), sink)
+    await wait_running(generator)
+    closing = asyncio.create_task(manager.close())
+    await asyncio.sleep(0.05)
+    late = manager.submit(dm("arrived while stopping"), sink)
+    command = manager.submit(dm("/reset"), sink)
+    assert await late.accepted and await command.accepted
+    await closing
+    assert "arrived while stopping" not in sink.text and "Context cleared" not in sink.text
+    assert [p.message.text for p in await manager.pending("telegram")] == [
+        "in flight", "arrived while stopping"]
+    after = manager.submit(dm("after close"), sink)
+    assert await after.accepted is False  # closed: left for the platform to redeliver

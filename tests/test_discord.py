@@ -19,8 +19,9 @@ from bot.config import Settings
 from bot.dialogue import DialogueManager
 from bot.errors import ConfigError
 from storage.repository import SqlStore
-from tests.auxil.discord_api import CHANNEL, DiscordEmulator
-from tests.auxil.generators import ScriptedGenerator
+from tests.auxil.discord_api import CHANNEL, GUILD, DiscordEmulator
+from tests.auxil.generators import ScriptedGenerator, wait_running
+from tests.auxil.process import serve_until_sigterm
 
 ADMIN = 42
 MOD = 43
@@ -124,7 +125,7 @@ async def test_fifty_channels_at_once_each_get_their_own_answer(
     channels = [dc.add_channel(f"81{n:016d}") for n in range(50)]
     for n, channel in enumerate(channels):
         dc.post(f"question {n}", author=100 + n, channel=channel, mention=True)
-    await dc.wait_for(lambda: generator.running == 50, timeout=30)  # all generating at once
+    await wait_running(generator, 50, timeout=30)  # all generating at once
     generator.gate.set()
     await dc.wait_for(lambda: all(dc.channel_texts(c) == [f"question {n}"]
                                   for n, c in enumerate(channels)), timeout=30)
@@ -181,6 +182,14 @@ async def test_rate_limits_during_streaming_still_deliver_the_final_text(
     dc.post(text, author=3, mention=True)
     await answered(dc, manager, CHANNEL, [text])
     assert len([r for r in dc.requests if r.status == 429]) == 3
+
+
+async def test_server_errors_are_retried(dc: DiscordEmulator,
+                                         manager: DialogueManager) -> None:
+    dc.fail("POST", f"/channels/{CHANNEL}/messages", 502)
+    dc.post("through the storm", author=3, mention=True)
+    await answered(dc, manager, CHANNEL, ["through the storm"], timeout=30)
+    assert [r.status for r in dc.calls("POST", "/messages")] == [502, 200]
 
 
 # Slash commands.
@@ -250,10 +259,16 @@ async def test_other_messages_are_ignored_or_get_a_note(
     picture = {"id": "1", "filename": "cat.png", "size": 10, "url": "http://x/cat.png",
                "proxy_url": "http://x/cat.png"}
     dc.post("", author=3, dm=True, attachments=[picture])
+    edited = dc.post("typo", author=3, mention=True)
+    await answered(dc, manager, CHANNEL, ["typo"])
+    original = next(e[2] for e in dc._events if e[2].get("id") == edited)
+    dc.dispatch("MESSAGE_UPDATE", {**original, "content": "fixed typo",
+                                   "edited_timestamp": original["timestamp"]})
+    dc.dispatch("MESSAGE_DELETE", {"id": edited, "channel_id": CHANNEL, "guild_id": GUILD})
     dc.post("still here?", author=3, dm=True)
     await answered(dc, manager, dc.dm_channel(3), [
         "I can only read text for now, so I cannot see that attachment.", "still here?"])
-    assert dc.channel_texts(CHANNEL) == []
+    assert dc.channel_texts(CHANNEL) == ["typo"]  # edits and deletions are not answered
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -284,31 +299,22 @@ async def test_a_refused_message_content_intent_is_one_clear_error(
             pass
 
 
-async def test_chinwag_run_serves_discord(emulator: DiscordEmulator, tmp_path: Path) -> None:
-    import asyncio.subprocess as aproc
-    import os
-    import signal
-    import sys
+def discord_env(emulator: DiscordEmulator) -> dict[str, str]:
+    return {"CHINWAG_DISCORD_TOKEN": emulator.token,
+            "CHINWAG_DISCORD_API_URL": emulator.api_url,
+            "CHINWAG_DISCORD_GATEWAY_URL": emulator.gateway_url}
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-    env.update({"CHINWAG_DISCORD_TOKEN": emulator.token, "CHINWAG_GENERATOR": "echo",
-                "CHINWAG_DISCORD_API_URL": emulator.api_url,
-                "CHINWAG_DISCORD_GATEWAY_URL": emulator.gateway_url,
-                "CHINWAG_DATA_DIR": str(tmp_path), "NO_PROXY": "127.0.0.1"})
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "run", env=env, stdin=aproc.DEVNULL,
-        stdout=aproc.PIPE, stderr=aproc.PIPE, cwd=Path(__file__).parents[1])
-    try:
+
+async def test_chinwag_run_serves_discord(emulator: DiscordEmulator, tmp_path: Path) -> None:
+    async def scenario() -> None:
         await emulator.ready(timeout=60)
         emulator.post("over the wire", author=11, dm=True)
         await emulator.wait_for(
             lambda: emulator.channel_texts(emulator.dm_channel(11)) == ["over the wire"],
             timeout=60)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, err.decode()
-    assert emulator.token not in err.decode()  # the token is never logged
+
+    log = await serve_until_sigterm(discord_env(emulator), tmp_path, scenario)
+    assert emulator.token not in log  # the token is never logged
 
 
 async def test_an_admin_can_make_a_channel_answer_every_message(
@@ -324,21 +330,46 @@ async def test_an_admin_can_make_a_channel_answer_every_message(
 async def test_a_restart_answers_what_the_stop_left_and_nothing_twice(
         emulator: DiscordEmulator, store: SqlStore, settings: Settings) -> None:
     first = ScriptedGenerator()
+    dm = emulator.dm_channel(15)
     async with DialogueManager(store=store, generator=first, settings=settings,
-                               commands=builtin_commands(), shutdown_grace=0.2) as manager:
+                               commands=builtin_commands(), shutdown_grace=1.0) as manager:
         async with serving(emulator, manager) as adapter:
             emulator.post("one", author=15, dm=True)
-            await answered(emulator, manager, emulator.dm_channel(15), ["one"])
+            await answered(emulator, manager, dm, ["one"])
             first.hang = True
             emulator.post("two", author=15, dm=True)
-            await emulator.wait_for(lambda: first.running == 1)
-            # Stop the way `chinwag run` does on SIGTERM.
+            await wait_running(first)
+            # Stop the way `chinwag run` does on SIGTERM; Discord keeps sending meanwhile.
             await adapter.stop_receiving()
-            await manager.close()
-    assert emulator.channel_texts(emulator.dm_channel(15)) == ["one", SHUTDOWN_NOTE]
+            emulator.post("three", author=15, dm=True)
+            closing = asyncio.create_task(manager.close())
+            await asyncio.sleep(0.2)
+            emulator.post("four", author=15, dm=True)  # during the grace period
+            await closing
+    assert emulator.channel_texts(dm) == ["one", SHUTDOWN_NOTE]
     second = ScriptedGenerator()
     async with DialogueManager(store=store, generator=second, settings=settings,
                                commands=builtin_commands()) as manager, \
             serving(emulator, manager):
-        await answered(emulator, manager, emulator.dm_channel(15), ["one", SHUTDOWN_NOTE, "two"])
-    assert [m[-1].content for m in second.prompts] == ["two"]
+        await answered(emulator, manager, dm, ["one", SHUTDOWN_NOTE, "two", "three", "four"])
+    assert [m[-1].content for m in second.prompts] == ["two", "three", "four"]
+
+
+async def test_chinwag_run_serves_telegram_and_discord_together(
+        emulator: DiscordEmulator, tmp_path: Path) -> None:
+    from tests.auxil.telegram_api import TelegramEmulator
+
+    async with TelegramEmulator() as telegram:
+        async def scenario() -> None:
+            await emulator.ready(timeout=60)
+            emulator.post("hello discord", author=11, dm=True)
+            telegram.push_text("hello telegram", chat=11, user=11)
+            await emulator.wait_for(
+                lambda: emulator.channel_texts(emulator.dm_channel(11)) == ["hello discord"]
+                and telegram.final_text(11) == ["hello telegram"], timeout=60)
+
+        log = await serve_until_sigterm({**discord_env(emulator),
+                                         "CHINWAG_TELEGRAM_TOKEN": telegram.token,
+                                         "CHINWAG_TELEGRAM_API_URL": telegram.url},
+                                        tmp_path, scenario)
+        assert emulator.token not in log and telegram.token not in log

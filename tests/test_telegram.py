@@ -25,6 +25,7 @@ from bot.store import NewUserMessage
 from storage.models import MessageRow
 from storage.repository import SqlStore
 from tests.auxil.generators import ScriptedGenerator
+from tests.auxil.process import serve_until_sigterm
 from tests.auxil.telegram_api import TelegramEmulator
 
 ADMIN = 42
@@ -399,27 +400,15 @@ async def test_an_unreachable_api_is_one_clear_error(manager: DialogueManager) -
 
 async def test_chinwag_run_talks_to_the_api_it_is_pointed_at(
         emulator: TelegramEmulator, tmp_path: Path) -> None:
-    import asyncio.subprocess as aproc
-    import os
-    import signal
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-    env.update({"CHINWAG_TELEGRAM_TOKEN": emulator.token, "CHINWAG_GENERATOR": "echo",
-                "CHINWAG_TELEGRAM_API_URL": emulator.url,
-                "CHINWAG_DATA_DIR": str(tmp_path), "NO_PROXY": "127.0.0.1"})
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "run", env=env, stdin=aproc.DEVNULL,
-        stdout=aproc.PIPE, stderr=aproc.PIPE, cwd=Path(__file__).parents[1])
-    try:
+    async def scenario() -> None:
         emulator.push_text("over the wire", chat=11, user=11)
         await emulator.wait_for(lambda: emulator.final_text(11) == ["over the wire"],
                                 timeout=60)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, err.decode()
-    assert emulator.token not in err.decode()  # the token is never logged
+
+    log = await serve_until_sigterm({"CHINWAG_TELEGRAM_TOKEN": emulator.token,
+                                     "CHINWAG_TELEGRAM_API_URL": emulator.url},
+                                    tmp_path, scenario)
+    assert emulator.token not in log  # the token is never logged
     assert emulator.offsets[-1] == 2  # what was stored was confirmed before exiting
 
 

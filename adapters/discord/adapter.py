@@ -63,6 +63,7 @@ class DiscordAdapter:
         add_commands(self._tree, commands, self._on_command)
         self._connection: asyncio.Task[None] | None = None
         self._receiving = False
+        self._commands_open = True
 
     async def __aenter__(self) -> Self:
         try:
@@ -104,7 +105,10 @@ class DiscordAdapter:
         await asyncio.shield(self._connection)
 
     async def stop_receiving(self) -> None:
-        self._receiving = False
+        """Messages keep flowing to the dialogue manager until the client closes: while it
+        stops it stores them for the next start to answer, since Discord never redelivers
+        a gateway event. Slash commands get a "restarting" answer."""
+        self._commands_open = False
 
     async def _close(self) -> None:
         self._receiving = False
@@ -168,7 +172,7 @@ class DiscordAdapter:
                           options: Mapping[str, str | None]) -> None:
         # Answer within Discord's 3 s at once; the real answer follows, visible to the caller.
         await interaction.response.defer(ephemeral=True, thinking=True)
-        if not self._receiving:
+        if not self._receiving or not self._commands_open:
             await interaction.edit_original_response(content="I am restarting; try again "
                                                      "in a moment.")
             return

@@ -48,3 +48,13 @@ class ScriptedGenerator(EchoGenerator):
                 yield text[start:start + size]
         finally:
             self.running -= 1
+
+
+async def wait_running(generator: ScriptedGenerator, count: int = 1,
+                       timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Wait until ``count`` generations are running at once."""
+    for _ in range(int(timeout / 0.01)):
+        if generator.running >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{generator.running} running, expected {count}")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.subprocess as aproc
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,3 +22,23 @@ def chinwag(*args: str, stdin: str = "", env: dict[str, str] | None = None,
         [sys.executable, "-m", "bot", *args], input=stdin, capture_output=True, text=True,
         env=clean, cwd=cwd or ROOT, timeout=timeout, check=False,
     )
+
+
+async def serve_until_sigterm(env: dict[str, str], tmp_path: Path,
+                              scenario: Callable[[], Awaitable[None]]) -> str:
+    """Run ``chinwag run`` with these settings while ``scenario`` runs, then SIGTERM it;
+    checks it exits 0 and returns what it logged."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    clean.update({"CHINWAG_GENERATOR": "echo", "CHINWAG_DATA_DIR": str(tmp_path),
+                  "NO_PROXY": "127.0.0.1", **env})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", env=clean, stdin=aproc.DEVNULL,
+        stdout=aproc.PIPE, stderr=aproc.PIPE, cwd=ROOT)
+    try:
+        await scenario()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _out, err = await asyncio.wait_for(process.communicate(), 30)
+    log = err.decode()
+    assert process.returncode == 0, log
+    return log
