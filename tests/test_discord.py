@@ -19,7 +19,7 @@ from bot.config import Settings
 from bot.dialogue import DialogueManager
 from bot.errors import ConfigError
 from storage.repository import SqlStore
-from tests.auxil.discord_api import CHANNEL, GUILD, DiscordEmulator
+from tests.auxil.discord_api import APP_ID, CHANNEL, GUILD, DiscordEmulator
 from tests.auxil.generators import ScriptedGenerator, wait_running
 from tests.auxil.process import serve_until_sigterm
 
@@ -218,15 +218,35 @@ async def test_admin_commands_are_refused_to_members_ephemerally(
     assert answer["content"] == f"Sorry, /{command} is for admins only."
 
 
+ACCEPTED = {
+    "persona": ({"text": "Speak like a pirate."}, "Persona set"),
+    "settings": ({"name": "temperature", "value": "0.3"}, "temperature"),
+    "listen": ({"mode": "on"}, "From now on I answer every message"),
+    "stats": ({}, "Conversations"),
+    "block": ({"user": "123"}, "Blocked discord:123"),
+    "unblock": ({"user": "123"}, "Unblocked discord:123"),
+}
+
+
+@pytest.mark.parametrize("command", [c.name for c in ADMIN_COMMANDS])
 @pytest.mark.parametrize("author", [ADMIN, MOD])
 async def test_admin_commands_for_configured_admins_and_server_managers(
-        dc: DiscordEmulator, author: int) -> None:
-    token = dc.interact("persona", {"text": "Speak like a pirate."}, author=author)
+        dc: DiscordEmulator, author: int, command: str) -> None:
+    options, expected = ACCEPTED[command]
+    token = dc.interact(command, options, author=author)
     await dc.wait_for(lambda: len(dc.interaction_replies[token]) >= 2)
-    assert dc.interaction_replies[token][1]["content"].startswith("Persona set")
-    token = dc.interact("stats", author=author)
-    await dc.wait_for(lambda: len(dc.interaction_replies[token]) >= 2)
-    assert "messages" in dc.interaction_replies[token][1]["content"].lower()
+    assert expected in dc.interaction_replies[token][1]["content"]
+
+
+async def test_slash_commands_can_be_registered_per_server(
+        emulator: DiscordEmulator, manager: DialogueManager) -> None:
+    async with DiscordAdapter(emulator.token, manager, builtin_commands(),
+                              api_url=emulator.api_url, gateway_url=emulator.gateway_url,
+                              guild_ids=[int(GUILD)]):
+        pass
+    [sync] = emulator.calls("PUT", "/commands")
+    assert sync.path == f"/applications/{APP_ID}/guilds/{GUILD}/commands"
+    assert len(sync.body) == len(builtin_commands())  # type: ignore[arg-type]
 
 
 async def test_reset_clears_the_context_of_that_channel_only(
@@ -280,6 +300,7 @@ async def test_a_dropped_gateway_resumes_without_losing_a_message(
     dc.post("during the drop", author=3, mention=True)  # delivered on RESUME
     await answered(dc, manager, CHANNEL, ["before the drop", "during the drop"], timeout=30)
     assert dc.resumed == 1 and dc.identified == 1
+    await dc.wait_for(lambda: dc.heartbeats >= 2)  # the session stays alive on heartbeats
 
 
 async def test_bad_token_is_one_clear_error(emulator: DiscordEmulator,

@@ -55,6 +55,8 @@ class DiscordEmulator:
     """Members holding a role with Manage Server."""
     identified: int = 0
     resumed: int = 0
+    heartbeat_ms: int = 1000
+    heartbeats: int = 0
     _faults: dict[str, list[Fault]] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(10**17))
     _seq: int = 0
@@ -227,13 +229,15 @@ class DiscordEmulator:
         socket = web.WebSocketResponse()
         await socket.prepare(request)
         self._socket = socket
-        await socket.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 30000}}))
+        await socket.send_str(json.dumps({"op": 10,
+                                          "d": {"heartbeat_interval": self.heartbeat_ms}}))
         async for message in socket:
             if message.type != WSMsgType.TEXT:
                 break
             payload = json.loads(message.data)
             op, data = payload["op"], payload.get("d")
             if op == 1:
+                self.heartbeats += 1
                 await socket.send_str(json.dumps({"op": 11}))
             elif op == 2:
                 await self._identify(socket, data)
