@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 def make_generator(settings: Settings) -> Generator:
     if settings.generator == "echo":
         return EchoGenerator()
+    if settings.generator == "openai":
+        from bot.generators.openai_compat import OpenAIGenerator
+
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        return OpenAIGenerator(settings.openai_base_url, settings.model, key)
     from bot.generators.huggingface import TransformersGenerator
 
     return TransformersGenerator(settings.model, settings.model_cache_dir, settings.device)

@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     database_url: str = ""
     """Any SQLAlchemy async URL; empty means a SQLite file in ``data_dir``."""
-    generator: Literal["transformers", "echo"] = "transformers"
+    generator: Literal["transformers", "openai", "echo"] = "transformers"
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    """An OpenAI-compatible server's base URL, ``/v1`` included (``CHINWAG_GENERATOR=openai``)."""
+    openai_api_key: SecretStr | None = None
     model: str = BUILTIN_MODEL
     model_cache_dir: Path = Path("~/.cache/chinwag").expanduser()
     device: str = "auto"
@@ -96,7 +99,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
         return value
 
-    @field_validator("telegram_token", "discord_token", mode="before")
+    @field_validator("telegram_token", "discord_token", "openai_api_key", mode="before")
     @classmethod
     def _empty_token_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -116,6 +119,9 @@ class Settings(BaseSettings):
             path = Path(self.model).expanduser()
             if not path.exists() or not os.access(path, os.R_OK):
                 raise ValueError(f"CHINWAG_MODEL: {self.model} does not exist or is not readable")
+        if self.generator == "openai" and self.model == BUILTIN_MODEL:
+            raise ValueError("CHINWAG_MODEL: with CHINWAG_GENERATOR=openai, name the model the "
+                             "server serves")
         if self.max_reply_tokens >= self.context_tokens:
             raise ValueError("CHINWAG_MAX_REPLY_TOKENS must be smaller than CHINWAG_CONTEXT_TOKENS")
         return self
@@ -134,6 +140,6 @@ def load_settings(**overrides: Any) -> Settings:
         name = f"CHINWAG_{field.upper()}: " if field else ""
         message = first["msg"].removeprefix("Value error, ")
         given = first.get("input")
-        secret = field in {"telegram_token", "discord_token"}
+        secret = field in {"telegram_token", "discord_token", "openai_api_key"}
         shown = "" if not field or secret or isinstance(given, dict) else f" (got {given!r})"
         raise ConfigError(f"{name}{message}{shown}") from None

@@ -20,17 +20,11 @@ from typing import Any, Self
 from bot.errors import GenerationError, ModelUnavailable
 from bot.generators import model_files
 from bot.generators.base import ChatMessage, GenerationParams, cut_at_stop
+from bot.generators.tokens import TemplateCounter
 
 logger = logging.getLogger(__name__)
 
-_PLACEHOLDER = "\u2063CHINWAG-CONTENT\u2063"
 _DONE = object()
-# Used when a model (a base model, say) ships without a chat template.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
-    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def pick_device(setting: str) -> tuple[str, Any]:
@@ -78,8 +72,7 @@ class TransformersGenerator:
         self._executor: ThreadPoolExecutor | None = None
         self._tokenizer: Any = None
         self._model: Any = None
-        self._parts: dict[str, tuple[str, str]] = {}
-        self._overhead = 0
+        self._counter: TemplateCounter | None = None
 
     async def __aenter__(self) -> Self:
         device, dtype = pick_device(self._device_setting)
@@ -88,10 +81,7 @@ class TransformersGenerator:
         self._tokenizer, self._model = await loop.run_in_executor(
             self._executor, model_files.load, self._model_name, self._cache_dir, device, dtype
         )
-        if not self._tokenizer.chat_template:
-            logger.warning("model %s has no chat template; using ChatML", self._model_name)
-            self._tokenizer.chat_template = CHATML_TEMPLATE
-        self._parts, self._overhead = self._template_parts()
+        self._counter = TemplateCounter(self._tokenizer, self._model_name)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -101,29 +91,6 @@ class TransformersGenerator:
             self._executor = None
         self._model = None
 
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        rendered = self._tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
-        return str(rendered)
-
-    def _template_parts(self) -> tuple[dict[str, tuple[str, str]], int]:
-        """Split the chat template into per-role prefix and suffix around the content,
-        so a message's token count needs one ``encode`` and no template rendering."""
-        system = [{"role": "system", "content": "S"}]
-        parts: dict[str, tuple[str, str]] = {}
-        for role in ("system", "user", "assistant"):
-            base = [] if role == "system" else system
-            before = self._render(base, False) if base else ""
-            after = self._render([*base, {"role": role, "content": _PLACEHOLDER}], False)
-            piece = after[len(before):] if after.startswith(before) else after
-            prefix, found, suffix = piece.partition(_PLACEHOLDER)
-            parts[role] = (prefix, suffix) if found else ("", "")
-        conversation = [*system, {"role": "user", "content": "U"}]
-        tail = self._render(conversation, True)[len(self._render(conversation, False)):]
-        overhead = len(self._tokenizer.encode(tail, add_special_tokens=False)) + 1
-        return parts, overhead
-
     @property
     def context_window(self) -> int | None:
         config = getattr(self._model, "config", None)
@@ -132,17 +99,16 @@ class TransformersGenerator:
 
     @property
     def prompt_overhead(self) -> int:
-        return self._overhead
+        assert self._counter is not None, "the model is not loaded"
+        return self._counter.prompt_overhead
 
     def count_tokens(self, role: str, text: str) -> int:
-        prefix, suffix = self._parts.get(role, ("", ""))
-        return len(self._tokenizer.encode(prefix + text + suffix, add_special_tokens=False))
+        assert self._counter is not None, "the model is not loaded"
+        return self._counter.count(role, text)
 
     def truncate(self, text: str, max_tokens: int) -> str:
-        ids = self._tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) <= max_tokens:
-            return text
-        return str(self._tokenizer.decode(ids[: max(0, max_tokens)]))
+        assert self._counter is not None, "the model is not loaded"
+        return self._counter.truncate(text, max_tokens)
 
     def _generate(self, inputs: Any, params: GenerationParams, streamer: _TokenIdStreamer,
                   cancelled: threading.Event) -> None:
