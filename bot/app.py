@@ -134,6 +134,20 @@ async def _serve_all(adapters: list[PlatformAdapter]) -> None:
     await asyncio.gather(*(adapter.serve() for adapter in adapters))
 
 
+async def serve(settings: Settings) -> None:
+    """``chinwag serve``: the generator as an OpenAI-compatible endpoint until a signal."""
+    from adapters.openai_server import OpenAIServer
+
+    key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
+    with _stop_signals() as signalled:
+        async with make_generator(settings) as generator, OpenAIServer(
+            generator, settings.model, host=settings.serve_host, port=settings.serve_port,
+            api_key=key, default_max_tokens=settings.max_reply_tokens,
+        ):
+            await signalled.wait()
+            logger.info("stopping on signal")
+
+
 async def console_session(settings: Settings) -> None:
     async with open_chinwag(settings) as manager:
         await run_console(manager)

@@ -1,4 +1,4 @@
-"""The ``chinwag`` command line: console, run, db upgrade."""
+"""The ``chinwag`` command line: console, run, serve, db upgrade."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("console", help="chat in this terminal (reads standard input)")
     commands.add_parser("run", help="start every adapter whose token is set (console if none)")
+    commands.add_parser("serve", help="serve the model as an OpenAI-compatible HTTP endpoint "
+                                      "(CHINWAG_SERVE_HOST, CHINWAG_SERVE_PORT)")
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION")
     db_commands.add_parser("upgrade", help="apply the database migrations")
@@ -58,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(app.console(settings))
         elif args.command == "run":
             asyncio.run(app.run(settings))
+        elif args.command == "serve":
+            asyncio.run(app.serve(settings))
         else:
             revision = asyncio.run(app.upgrade_database(settings))
             print(f"database is at revision {revision}")

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     """An OpenAI-compatible server's base URL, ``/v1`` included (``CHINWAG_GENERATOR=openai``)."""
     openai_api_key: SecretStr | None = None
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(8000, ge=1, le=65535)
+    serve_api_key: SecretStr | None = None
+    """When set, ``chinwag serve`` requires ``Authorization: Bearer <key>``."""
     model: str = BUILTIN_MODEL
     model_cache_dir: Path = Path("~/.cache/chinwag").expanduser()
     device: str = "auto"
@@ -99,7 +103,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
         return value
 
-    @field_validator("telegram_token", "discord_token", "openai_api_key", mode="before")
+    @field_validator("telegram_token", "discord_token", "openai_api_key", "serve_api_key",
+                     mode="before")
     @classmethod
     def _empty_token_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -140,6 +145,7 @@ def load_settings(**overrides: Any) -> Settings:
         name = f"CHINWAG_{field.upper()}: " if field else ""
         message = first["msg"].removeprefix("Value error, ")
         given = first.get("input")
-        secret = field in {"telegram_token", "discord_token", "openai_api_key"}
+        secret = field in {"telegram_token", "discord_token", "openai_api_key",
+                           "serve_api_key"}
         shown = "" if not field or secret or isinstance(given, dict) else f" (got {given!r})"
         raise ConfigError(f"{name}{message}{shown}") from None

@@ -157,3 +157,13 @@ async def test_a_failed_stream_through_the_manager_keeps_the_message(
         # The failed exchange left only the question; the reply that was cut is not stored.
         contents = [m["content"] for m in server.requests[-1]["messages"]]
         assert contents == [settings.system_prompt, "first question", "second question"]
+
+
+async def test_a_server_that_refuses_repetition_penalty_gets_requests_without_it(
+        server: FakeOpenAI, client: OpenAIGenerator) -> None:
+    params = GenerationParams(max_new_tokens=16, temperature=0.0, repetition_penalty=1.1)
+    server.then(status=422, detail="Unexpected fields in the request: {'repetition_penalty'}")
+    assert await collect(client, params) == server.reply
+    assert await collect(client, params) == server.reply
+    sent = ["repetition_penalty" in r for r in server.requests]
+    assert sent == [True, False, False]  # learnt once, remembered

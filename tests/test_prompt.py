@@ -72,3 +72,12 @@ def test_selection_stops_at_the_first_message_that_does_not_fit() -> None:
     newest_first = [Msg("user", "a", 5), Msg("assistant", "big", 50), Msg("user", "c", 1)]
     assert [m.text for m in select_newest(newest_first, 20)] == ["a"]
     assert [m.text for m in select_newest(newest_first, 56)] == ["c", "big", "a"]
+
+
+def test_stop_string_prefixes_are_held_back() -> None:
+    from bot.generators.base import held_back
+
+    assert held_back("the capital of F", ("France",)) == 1
+    assert held_back("the capital of Fra", ("France", "Fr")) == 3
+    assert held_back("nothing here", ("France",)) == 0
+    assert held_back("abc", ()) == 0

@@ -62,6 +62,18 @@ class Generator(Protocol):
         ...
 
 
+def held_back(text: str, stop: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string, and
+    so must not be shown yet."""
+    longest = 0
+    for s in stop:
+        for size in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:size]):
+                longest = size
+                break
+    return longest
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut ``text`` at the first stop string; returns the kept text and whether one was found."""
     positions = [i for i in (text.find(s) for s in stop if s) if i >= 0]

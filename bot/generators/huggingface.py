@@ -19,7 +19,7 @@ from typing import Any, Self
 
 from bot.errors import GenerationError, ModelUnavailable
 from bot.generators import model_files
-from bot.generators.base import ChatMessage, GenerationParams, cut_at_stop
+from bot.generators.base import ChatMessage, GenerationParams, cut_at_stop, held_back
 from bot.generators.tokens import TemplateCounter
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class TransformersGenerator:
                                    cancelled)
         generated: list[int] = []
         emitted = ""
+        text, stopped = "", False
         try:
             while (item := await queue.get()) is not _DONE:
                 generated.extend(item)
@@ -161,11 +162,15 @@ class TransformersGenerator:
                 if text.endswith("\ufffd"):  # half of a multi-byte character
                     continue
                 text, stopped = cut_at_stop(text, params.stop)
-                if text.startswith(emitted) and len(text) > len(emitted):
-                    yield text[len(emitted):]
-                    emitted = text
+                # Hold back what may be the start of a stop string.
+                ready = text[:len(text) - (0 if stopped else held_back(text, params.stop))]
+                if ready.startswith(emitted) and len(ready) > len(emitted):
+                    yield ready[len(emitted):]
+                    emitted = ready
                 if stopped:
                     break
+            if not stopped and text.startswith(emitted) and len(text) > len(emitted):
+                yield text[len(emitted):]  # the held-back tail was no stop string after all
             cancelled.set()
             await job
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:

@@ -19,7 +19,7 @@ from typing import Any, Self
 import httpx
 
 from bot.errors import GenerationError, ModelUnavailable
-from bot.generators.base import ChatMessage, GenerationParams, cut_at_stop
+from bot.generators.base import ChatMessage, GenerationParams, cut_at_stop, held_back
 from bot.generators.tokens import EstimateCounter, TemplateCounter, TokenCounter
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ class OpenAIGenerator:
         self._counter = counter
         self._chunk_timeout = chunk_timeout
         self._client: httpx.AsyncClient | None = None
+        self._repetition_penalty = True
+        """Sent until the server refuses the field (vLLM and TGI take it; strict servers
+        such as `transformers serve` answer 422)."""
 
     async def __aenter__(self) -> Self:
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
@@ -106,8 +109,8 @@ class OpenAIGenerator:
             "max_tokens": params.max_new_tokens, "temperature": params.temperature,
             "top_p": params.top_p,
         }
-        if params.repetition_penalty != 1.0:
-            body["repetition_penalty"] = params.repetition_penalty  # vLLM, TGI, HF serve
+        if params.repetition_penalty != 1.0 and self._repetition_penalty:
+            body["repetition_penalty"] = params.repetition_penalty
         if params.stop:
             body["stop"] = list(params.stop)
         return body
@@ -116,9 +119,10 @@ class OpenAIGenerator:
                      params: GenerationParams) -> AsyncIterator[str]:
         if self._client is None:
             raise GenerationError("the model server client is not open")
-        body = self._request(messages, params)
         emitted = ""
+        held = ""
         for attempt in range(MAX_ATTEMPTS):
+            body = self._request(messages, params)
             try:
                 async with self._client.stream("POST", "/chat/completions",
                                                json=body) as response:
@@ -127,12 +131,17 @@ class OpenAIGenerator:
                         await asyncio.sleep(delay)
                         continue
                     async for piece in self._pieces(response):
-                        text, stopped = cut_at_stop(emitted + piece, params.stop)
-                        if len(text) > len(emitted):
-                            yield text[len(emitted):]
-                            emitted = text
+                        text, stopped = cut_at_stop(emitted + held + piece, params.stop)
+                        # Hold back what may be the start of a stop string.
+                        ready = len(text) - (0 if stopped else held_back(text, params.stop))
+                        if ready > len(emitted):
+                            yield text[len(emitted):ready]
+                            emitted = text[:ready]
+                        held = text[len(emitted):]
                         if stopped:
                             return
+                    if held:
+                        yield held
                     return
             except httpx.TimeoutException as exc:
                 if emitted or attempt == MAX_ATTEMPTS - 1:
@@ -152,6 +161,10 @@ class OpenAIGenerator:
         """How long to wait before retrying a refused request; raises if it is final."""
         detail = (await response.aread()).decode(errors="replace")[:200]
         status = response.status_code
+        if status in {400, 422} and "repetition_penalty" in detail and self._repetition_penalty:
+            logger.info("the model server does not take repetition_penalty; sending without")
+            self._repetition_penalty = False
+            return 0.0
         if status not in _RETRYABLE or attempt == MAX_ATTEMPTS - 1:
             reason = "the model server is busy" if status == 429 else \
                 f"the model server answered {status}"

@@ -20,6 +20,7 @@ class Behaviour:
     """Close the connection after this many chunks, without [DONE]."""
     hang: float = 0.0
     """Seconds to stall after the first chunk."""
+    detail: str = "refused"
 
 
 @dataclass
@@ -63,7 +64,7 @@ class FakeOpenAI:
         if behaviour.status != 200:
             headers = {"Retry-After": str(behaviour.retry_after)} \
                 if behaviour.retry_after is not None else {}
-            return web.json_response({"error": {"message": "refused"}},
+            return web.json_response({"error": {"message": behaviour.detail}},
                                      status=behaviour.status, headers=headers)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
