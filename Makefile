@@ -20,6 +20,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/context.py
+	$(BIN)/python bench/generation.py
 
 setup: $(STAMP)
 

@@ -35,7 +35,10 @@ def make_generator(settings: Settings) -> Generator:
         return OpenAIGenerator(settings.openai_base_url, settings.model, key)
     from bot.generators.huggingface import TransformersGenerator
 
-    return TransformersGenerator(settings.model, settings.model_cache_dir, settings.device)
+    return TransformersGenerator(settings.model, settings.model_cache_dir, settings.device,
+                                 max_sequences=settings.max_sequences,
+                                 max_queued=settings.max_queued,
+                                 prefill_chunk=settings.max_batch_tokens)
 
 
 async def upgrade_database(settings: Settings) -> str | None:

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     model: str = BUILTIN_MODEL
     model_cache_dir: Path = Path("~/.cache/chinwag").expanduser()
     device: str = "auto"
+    max_sequences: int = Field(32, ge=1, le=4096)
+    """Conversations generating at once in the in-process model's batch."""
+    max_queued: int = Field(256, ge=0)
+    """Requests waiting beyond those; more get a "busy, try again shortly" answer at once."""
+    max_batch_tokens: int = Field(512, ge=16)
+    """Prompt tokens prefilled per scheduling step (a long prompt is fed in such chunks)."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     admins: Annotated[tuple[str, ...], NoDecode] = ()
     context_tokens: int = Field(2048, ge=256, le=1_000_000)

@@ -13,3 +13,12 @@ def test_context_bench_prints_its_summary_line() -> None:
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("per_turn_10=") and " per_turn_100000=" in last and " ratio=" in last
+
+
+def test_gpu_bench_runs_on_the_cpu_when_asked() -> None:
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu", "--small"],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("chinwag ") for line in lines)
+    assert lines[-1].startswith("N=4 chinwag=") and " x_transformers_cb=" in lines[-1]

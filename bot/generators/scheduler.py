@@ -1,0 +1,347 @@
+"""Continuous batching: one scheduler thread owns the model and runs every conversation's
+request in one batch, token by token.
+
+Requests join the running batch between decoding steps and leave the moment they finish
+or are cancelled. A new request's prompt is prefilled on its own, in chunks of at most
+``prefill_chunk`` tokens interleaved with the batch's decoding steps, so a long prompt
+delays the others by one chunk per step rather than by the whole prompt. Its KV cache is
+then merged into the batch's, left-padded to a common length; each row keeps its own
+attention mask and positions, so a request's tokens do not depend on its neighbours
+(greedy output is the same alone or batched). Sampling parameters are per request.
+
+Built on the model's forward and ``transformers``' ``DynamicCache``; transformers' own
+continuous-batching manager is the benchmark's reference point (``bench/generation.py``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.errors import GenerationError
+from bot.generators.base import GenerationParams
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[int | BaseException | None], None]
+"""Called from the scheduler thread with each new token id, then ``None`` at the end (or
+the exception that ended the request)."""
+
+
+class Busy(GenerationError):
+    """More requests than the scheduler takes: answered at once, never queued."""
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: Sequence[int]
+    params: GenerationParams
+    emit: Emit
+    ignore_eos: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    prefilled: int = 0
+    cache: Any = None
+    seen: Any = None
+    """Token ids seen so far (for the repetition penalty)."""
+
+
+class BatchScheduler:
+    def __init__(self, model: Any, *, eos_ids: Sequence[int], max_sequences: int = 32,
+                 max_queued: int = 256, prefill_chunk: int = 512) -> None:
+        self._model = model
+        self._eos = set(eos_ids)
+        self._max_sequences = max_sequences
+        self._max_queued = max_queued
+        self._prefill_chunk = prefill_chunk
+        self._incoming: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._waiting: list[Request] = []
+        self._rows: list[Request] = []
+        self._cache: Any = None
+        self._mask: Any = None
+        self._positions: list[int] = []
+        self._last: list[int] = []
+        self._count_lock = threading.Lock()
+        self._count = 0
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.max_batch = 0
+        # transformers 5.2x renamed `past_key_values` to `cache`; accept either release.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
+            else "past_key_values"
+
+    # The event loop's side.
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="chinwag-scheduler",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._incoming.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, request: Request) -> None:
+        """Queue a request, or raise ``Busy`` at once when the scheduler is full."""
+        with self._count_lock:
+            if self._count >= self._max_sequences + self._max_queued:
+                raise Busy("too many conversations at once; try again shortly")
+            self._count += 1
+        self._incoming.put(request)
+
+    # The scheduler thread.
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                if not self._rows and not self._waiting:
+                    item = self._incoming.get()
+                    if item is None:
+                        return
+                    self._waiting.append(item)
+                while True:
+                    try:
+                        item = self._incoming.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        self._fail_all(GenerationError("the model is shutting down"))
+                        return
+                    self._waiting.append(item)
+                try:
+                    self._step()
+                except Exception as exc:  # torch raises RuntimeError for OOM and the like
+                    logger.exception("scheduler step failed")
+                    message = "the model ran out of memory" if "out of memory" in \
+                        str(exc).lower() else f"generation failed: {exc}"
+                    self._fail_all(GenerationError(message))
+
+    def _finish(self, request: Request, outcome: BaseException | None = None) -> None:
+        request.cache = None
+        with self._count_lock:
+            self._count -= 1
+        request.emit(outcome)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request in [*self._rows, *self._waiting]:
+            self._finish(request, error)
+        self._rows, self._waiting = [], []
+        self._cache = self._mask = None
+        self._positions, self._last = [], []
+
+    def _step(self) -> None:
+        self._waiting = [r for r in self._waiting if not self._dropped(r)]
+        free = self._max_sequences - len(self._rows)
+        if self._waiting and free > 0:
+            head = self._waiting[0]
+            if head.prefilled or len(head.prompt) > self._prefill_chunk:
+                self._prefill_long(head)
+            else:
+                # Short prompts that arrived together are prefilled together, within budget.
+                group: list[Request] = []
+                budget = self._prefill_chunk
+                for request in self._waiting:
+                    if len(group) == free or request.prefilled \
+                            or len(request.prompt) > budget:
+                        break
+                    group.append(request)
+                    budget -= len(request.prompt)
+                self._prefill_group(group)
+        if self._rows:
+            self._decode()
+
+    def _dropped(self, request: Request) -> bool:
+        if request.cancelled.is_set():
+            self._finish(request)
+            return True
+        return False
+
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any) -> tuple[Any, Any]:
+        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
+
+    def _prefill_group(self, group: list[Request]) -> None:
+        """One left-padded forward pass over several whole prompts."""
+        import torch
+        from transformers import DynamicCache
+
+        device = self._model.device
+        length = max(len(r.prompt) for r in group)
+        ids = torch.zeros((len(group), length), dtype=torch.long, device=device)
+        mask = torch.zeros((len(group), length), dtype=torch.long, device=device)
+        for row, request in enumerate(group):
+            ids[row, length - len(request.prompt):] = torch.tensor(request.prompt)
+            mask[row, length - len(request.prompt):] = 1
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, DynamicCache())
+        for request in group:
+            self._waiting.remove(request)
+            request.prefilled = len(request.prompt)
+            request.seen = torch.tensor(sorted(set(request.prompt)), device=device)
+        self._admit(group, self._sample(logits, group), cache, mask)
+
+    def _prefill_long(self, request: Request) -> None:
+        """A long prompt, one chunk per step, so the batch keeps decoding meanwhile."""
+        import torch
+        from transformers import DynamicCache
+
+        device = self._model.device
+        start = request.prefilled
+        chunk = list(request.prompt[start:start + self._prefill_chunk])
+        end = start + len(chunk)
+        logits, request.cache = self._forward(
+            torch.tensor([chunk], device=device),
+            torch.ones((1, end), dtype=torch.long, device=device),
+            torch.arange(start, end, device=device)[None],
+            request.cache if request.cache is not None else DynamicCache())
+        request.prefilled = end
+        if end < len(request.prompt):
+            return  # the rest in later steps, between the batch's decoding steps
+        self._waiting.remove(request)
+        request.seen = torch.tensor(sorted(set(request.prompt)), device=device)
+        cache, request.cache = request.cache, None
+        self._admit([request], self._sample(logits, [request]), cache,
+                    torch.ones((1, end), dtype=torch.long, device=device))
+
+    def _accept(self, request: Request, token: int) -> bool:
+        """Record and emit a token; whether the request goes on."""
+        import torch
+
+        request.generated.append(token)
+        if token not in request.seen:
+            request.seen = torch.cat([request.seen, request.seen.new_tensor([token])])
+        ended = (token in self._eos and not request.ignore_eos)
+        if not ended:
+            request.emit(token)
+        if ended or len(request.generated) >= request.params.max_new_tokens \
+                or request.cancelled.is_set():
+            self._finish(request)
+            return False
+        return True
+
+    def _admit(self, requests: list[Request], tokens: Any, cache: Any, mask: Any) -> None:
+        """Emit the first tokens of freshly prefilled requests and merge the ones that go on
+        into the running batch (both caches left-padded to a common length)."""
+        import torch
+        from transformers import DynamicCache
+
+        keep = [row for row, request in enumerate(requests)
+                if self._accept(request, int(tokens[row]))]
+        if not keep:
+            return
+        if len(keep) < len(requests):
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        new = [(layer.keys, layer.values) for layer in cache.layers]
+        if self._cache is None:
+            self._cache, self._mask = DynamicCache(ddp_cache_data=new), mask
+        else:
+            old = [(layer.keys, layer.values) for layer in self._cache.layers]
+            length = max(old[0][0].shape[-2], new[0][0].shape[-2])
+            merged = [(torch.cat([_pad(ok, length), _pad(nk, length)]),
+                       torch.cat([_pad(ov, length), _pad(nv, length)]))
+                      for (ok, ov), (nk, nv) in zip(old, new, strict=True)]
+            self._cache = DynamicCache(ddp_cache_data=merged)
+            self._mask = torch.cat([_pad_mask(self._mask, length), _pad_mask(mask, length)])
+        for row in keep:
+            self._rows.append(requests[row])
+            self._positions.append(len(requests[row].prompt))
+            self._last.append(int(tokens[row]))
+        self.max_batch = max(self.max_batch, len(self._rows))
+
+    def _decode(self) -> None:
+        import torch
+
+        device = self._model.device
+        rows = len(self._rows)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=1)
+        logits, self._cache = self._forward(
+            torch.tensor(self._last, device=device)[:, None], self._mask,
+            torch.tensor(self._positions, device=device)[:, None], self._cache)
+        self.steps += 1
+        tokens = self._sample(logits, self._rows)
+        keep: list[int] = []
+        for index, request in enumerate(self._rows):
+            self._positions[index] += 1
+            self._last[index] = int(tokens[index])
+            if self._accept(request, int(tokens[index])):
+                keep.append(index)
+        if len(keep) < rows:
+            self._select(keep)
+
+    def _select(self, keep: list[int]) -> None:
+        import torch
+
+        if not keep:
+            self._rows, self._positions, self._last = [], [], []
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        self._rows = [self._rows[i] for i in keep]
+        self._positions = [self._positions[i] for i in keep]
+        self._last = [self._last[i] for i in keep]
+        # Drop leading columns that are padding in every row.
+        lead = int((self._mask.sum(dim=0) > 0).nonzero()[0])
+        if lead:
+            self._mask = self._mask[:, lead:]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., lead:, :]
+                layer.values = layer.values[..., lead:, :]
+
+    def _sample(self, logits: Any, requests: Sequence[Request]) -> Any:
+        import torch
+
+        for row, request in enumerate(requests):
+            penalty = request.params.repetition_penalty
+            if penalty != 1.0:
+                scores = logits[row, request.seen]
+                logits[row, request.seen] = torch.where(scores < 0, scores * penalty,
+                                                        scores / penalty)
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0]
+        if sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            temperatures = torch.tensor([requests[i].params.temperature for i in sampled],
+                                        device=logits.device)[:, None]
+            probs = torch.softmax(logits[index] / temperatures, dim=-1)
+            top_p = torch.tensor([requests[i].params.top_p for i in sampled],
+                                 device=logits.device)[:, None]
+            ordered, order = probs.sort(dim=-1, descending=True)
+            outside = ordered.cumsum(dim=-1) - ordered > top_p
+            ordered[outside] = 0.0
+            choice = torch.multinomial(ordered, 1)
+            tokens[index] = order.gather(-1, choice).squeeze(-1)
+        return tokens
+
+
+def _pad(states: Any, length: int) -> Any:
+    """Left-pad ``[batch, heads, seq, dim]`` states with zeros to ``length`` positions."""
+    import torch
+
+    missing = length - states.shape[-2]
+    if missing == 0:
+        return states
+    shape = (*states.shape[:-2], missing, states.shape[-1])
+    return torch.cat([states.new_zeros(shape), states], dim=-2)
+
+
+def _pad_mask(mask: Any, length: int) -> Any:
+    import torch
+
+    missing = length - mask.shape[-1]
+    if missing == 0:
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=-1)
