@@ -38,7 +38,8 @@ def make_generator(settings: Settings) -> Generator:
     return TransformersGenerator(settings.model, settings.model_cache_dir, settings.device,
                                  max_sequences=settings.max_sequences,
                                  max_queued=settings.max_queued,
-                                 prefill_chunk=settings.max_batch_tokens)
+                                 prefill_chunk=settings.max_batch_tokens,
+                                 workers=settings.workers)
 
 
 async def upgrade_database(settings: Settings) -> str | None:

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     """Conversations generating at once in the in-process model's batch."""
     max_queued: int = Field(256, ge=0)
     """Requests waiting beyond those; more get a "busy, try again shortly" answer at once."""
+    workers: int = Field(1, ge=1, le=64)
+    """On a CPU: scheduler processes with one torch thread each (2 on a 2-core box is
+    faster than one process with 2 threads); ignored on a GPU."""
     max_batch_tokens: int = Field(512, ge=16)
     """Prompt tokens prefilled per scheduling step (a long prompt is fed in such chunks)."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT

@@ -125,3 +125,22 @@ async def test_a_long_prompt_does_not_stall_the_others(model: TransformersGenera
     # streaming meanwhile instead of waiting for the whole prefill.
     during = [t for t in short_pieces if t < long_first[0]]
     assert len(during) >= 5, (len(during), len(short_pieces))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_worker_processes_give_the_same_greedy_replies(
+        model: TransformersGenerator) -> None:
+    alone = ["".join(await reply(model, q)) for q in QUESTIONS[:4]]
+    async with TransformersGenerator(BUILTIN_MODEL, CACHE, "cpu", workers=2) as pooled:
+        together = await asyncio.gather(*(reply(pooled, q) for q in QUESTIONS[:4]))
+        assert ["".join(pieces) for pieces in together] == alone
+        # A cancelled stream is forwarded to its worker, which frees the slot.
+        stream = pooled.stream(ask("Count from one to two hundred."), greedy(300))
+        await anext(stream)
+        await stream.aclose()
+        pool = pooled.scheduler
+        for _ in range(300):
+            if not pool._emits:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.01)
+        assert not pool._emits  # type: ignore[union-attr]

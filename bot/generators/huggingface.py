@@ -20,6 +20,7 @@ from bot.generators import model_files
 from bot.generators.base import ChatMessage, GenerationParams, cut_at_stop, held_back
 from bot.generators.scheduler import BatchScheduler, Request
 from bot.generators.tokens import TemplateCounter
+from bot.generators.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class TransformersGenerator:
 
     def __init__(self, model: str, cache_dir: Path, device: str = "auto", *,
                  max_sequences: int = 32, max_queued: int = 256,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, workers: int = 1) -> None:
         self._model_name = model
         self._cache_dir = cache_dir
         self._device_setting = device
@@ -56,7 +57,8 @@ class TransformersGenerator:
         self._tokenizer: Any = None
         self._model: Any = None
         self._counter: TemplateCounter | None = None
-        self._scheduler: BatchScheduler | None = None
+        self._scheduler: BatchScheduler | WorkerPool | None = None
+        self._workers = workers
 
     async def __aenter__(self) -> Self:
         device, dtype = pick_device(self._device_setting)
@@ -65,8 +67,13 @@ class TransformersGenerator:
         self._counter = TemplateCounter(self._tokenizer, self._model_name)
         eos = self._model.generation_config.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self._scheduler = BatchScheduler(self._model, eos_ids=eos_ids, **self._limits)
-        self._scheduler.start()
+        if self._workers > 1 and device == "cpu":
+            pool = WorkerPool(self._model_name, self._cache_dir, self._workers, **self._limits)
+            await asyncio.to_thread(pool.start)
+            self._scheduler = pool
+        else:
+            self._scheduler = BatchScheduler(self._model, eos_ids=eos_ids, **self._limits)
+            self._scheduler.start()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -77,7 +84,7 @@ class TransformersGenerator:
         self._model = None
 
     @property
-    def scheduler(self) -> BatchScheduler | None:
+    def scheduler(self) -> BatchScheduler | WorkerPool | None:
         return self._scheduler
 
     @property
