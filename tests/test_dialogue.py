@@ -1,7 +1,6 @@
 import asyncio
 from collections.abc import Sequence
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.answering import TRUNCATED_NOTE
@@ -9,18 +8,11 @@ from bot.builtin_commands import builtin_commands
 from bot.config import Settings
 from bot.dialogue import EMPTY_NOTE, DialogueManager
 from bot.generators import ChatMessage
-from storage.models import MessageRow
 from storage.repository import SqlStore
+from tests.auxil.db import stored_texts
 from tests.auxil.factories import dm, group
 from tests.auxil.generators import ScriptedGenerator, wait_running
 from tests.auxil.sinks import RecordingSink
-
-
-async def stored_texts(engine: AsyncEngine) -> list[tuple[str, str]]:
-    async with engine.connect() as connection:
-        rows = await connection.execute(select(MessageRow.role, MessageRow.text)
-                                        .order_by(MessageRow.id))
-        return [(role, text) for role, text in rows]
 
 
 async def test_direct_message_round_trip_is_stored(manager: DialogueManager,

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.telegram import TelegramAdapter
@@ -22,8 +21,8 @@ from bot.dialogue import DialogueManager
 from bot.errors import ConfigError, DeliveryError
 from bot.generators import ChatMessage
 from bot.store import NewUserMessage
-from storage.models import MessageRow
 from storage.repository import SqlStore
+from tests.auxil.db import stored_texts
 from tests.auxil.generators import ScriptedGenerator
 from tests.auxil.process import serve_until_sigterm
 from tests.auxil.telegram_api import TelegramEmulator
@@ -61,13 +60,6 @@ async def tg(emulator: TelegramEmulator,
              manager: DialogueManager) -> AsyncIterator[TelegramEmulator]:
     async with serving(emulator, manager):
         yield emulator
-
-
-async def stored(engine: AsyncEngine) -> list[tuple[str, str]]:
-    async with engine.connect() as connection:
-        rows = await connection.execute(select(MessageRow.role, MessageRow.text)
-                                        .order_by(MessageRow.id))
-        return [(role, text) for role, text in rows]
 
 
 # Conversations.
@@ -369,7 +361,7 @@ async def test_a_restart_mid_conversation_neither_loses_nor_duplicates(
         await asyncio.sleep(0.5)
     assert [m[-1].content for m in second.prompts] == ["two", "three"]
     assert len(emulator.sent()) == 2
-    rows = await stored(engine)
+    rows = await stored_texts(engine)
     assert sorted(rows) == sorted([("user", "one"), ("assistant", "one"), ("user", "two"),
                                    ("assistant", "two"), ("user", "three"),
                                    ("assistant", "three")])  # each once

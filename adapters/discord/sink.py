@@ -19,14 +19,8 @@ NO_PINGS = discord.AllowedMentions.none()
 """Model output never notifies anyone: no @everyone, @here, role or user pings."""
 
 
-class ChannelSink:
-    def __init__(self, channel: discord.abc.Messageable,
-                 reply_to: discord.Message | discord.PartialMessage | None, key: str) -> None:
-        self._channel = channel
-        self._reply_to = reply_to
-        self._key = key
-        self._sent: dict[str, discord.Message] = {}
-        self._shown: dict[str, str] = {}
+class _DiscordLength:
+    """Discord's message limit, counted in characters."""
 
     @property
     def max_message_length(self) -> int:
@@ -34,6 +28,16 @@ class ChannelSink:
 
     def fit(self, text: str) -> int:
         return min(len(text), MAX_LENGTH)
+
+
+class ChannelSink(_DiscordLength):
+    def __init__(self, channel: discord.abc.Messageable,
+                 reply_to: discord.Message | discord.PartialMessage | None, key: str) -> None:
+        self._channel = channel
+        self._reply_to = reply_to
+        self._key = key
+        self._sent: dict[str, discord.Message] = {}
+        self._shown: dict[str, str] = {}
 
     async def send(self, text: str, *, final: bool = False) -> str:
         reference = self._reply_to.to_reference(fail_if_not_exists=False) \
@@ -70,7 +74,7 @@ class ChannelSink:
 ORIGINAL = "original"
 
 
-class InteractionSink:
+class InteractionSink(_DiscordLength):
     """Answers a slash command: the deferred ("thinking…") response is edited into the
     answer, longer answers continue as follow-ups; all of it is visible only to the caller."""
 
@@ -78,13 +82,6 @@ class InteractionSink:
         self._interaction = interaction
         self._answered = False
         self._shown: dict[str, str] = {}
-
-    @property
-    def max_message_length(self) -> int:
-        return MAX_LENGTH
-
-    def fit(self, text: str) -> int:
-        return min(len(text), MAX_LENGTH)
 
     async def send(self, text: str, *, final: bool = False) -> str:
         try:

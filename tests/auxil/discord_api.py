@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.auxil.loopback import start, wait_until
 
 APP_ID = "900000000000000001"
 BOT_USER = {"id": "900000000000000002", "username": "chinwag", "discriminator": "0",
@@ -81,11 +82,7 @@ class DiscordEmulator:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await start(app)
         self.url = f"http://127.0.0.1:{port}"
         return self
 
@@ -206,12 +203,8 @@ class DiscordEmulator:
         return [r for r in self.requests if r.method == method and path_part in r.path]
 
     async def wait_for(self, predicate: Any, timeout: float = 15.0) -> None:  # noqa: ASYNC109
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out; requests: "
-                                     f"{[(r.method, r.path) for r in self.requests][-20:]}")
-            await asyncio.sleep(0.02)
+        await wait_until(predicate, timeout, lambda: "requests: "
+                         f"{[(r.method, r.path) for r in self.requests][-20:]}")
 
     def dm_channel(self, author: int) -> str:
         return self._dm_channel(author)

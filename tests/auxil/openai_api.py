@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.auxil.loopback import start
+
 
 @dataclass
 class Behaviour:
@@ -38,11 +40,7 @@ class FakeOpenAI:
     async def __aenter__(self) -> FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._completions)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await start(app)
         self.url = f"http://127.0.0.1:{port}/v1"
         return self
 

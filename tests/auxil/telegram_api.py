@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.auxil.loopback import start, wait_until
+
 BOT = {"id": 999, "is_bot": True, "first_name": "Chinwag", "username": "chinwag_bot"}
 MAX_TEXT = 4096
 _TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "code", "pre", "a",
@@ -114,11 +116,7 @@ class TelegramEmulator:
     async def __aenter__(self) -> TelegramEmulator:
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_post("/bot{token}/{method}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await start(app)
         self.url = f"http://127.0.0.1:{port}"
         return self
 
@@ -188,11 +186,7 @@ class TelegramEmulator:
         return [c for c in self.calls if c.method == method and c.status != 200]
 
     async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; calls: {[c.method for c in self.calls]}")
-            await asyncio.sleep(0.02)
+        await wait_until(predicate, timeout, lambda: f"calls: {[c.method for c in self.calls]}")
 
     def chat_messages(self, chat: int) -> list[dict[str, Any]]:
         return [m for _id, m in sorted(self.messages.items()) if m["chat"] == chat]

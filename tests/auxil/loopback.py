@@ -1,0 +1,29 @@
+"""Shared plumbing of the loopback servers the tests start (platform and model emulators)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+
+async def start(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on 127.0.0.1 at a free port; returns the runner and the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, int(port)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float,  # noqa: ASYNC109
+                     describe: Callable[[], str]) -> None:
+    """Poll ``predicate`` until it holds; on timeout, fail with ``describe()``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; {describe()}")
+        await asyncio.sleep(0.02)
