@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from bot.config import Settings
@@ -29,6 +29,7 @@ SHUTDOWN_NOTE = ("(Interrupted: I am restarting. If this is not answered when I 
 TRUNCATED_NOTE = ("(Your message was too long for my context window, so I read only its "
                   "beginning.)")
 FAILED_NOTE = "Sorry, I could not finish this reply ({reason}). Please try again."
+STOPPED_NOTE = "(Stopped.)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,38 @@ class Question:
     received_at: datetime
     message: StoredMessage
     conversation: Conversation
+    stop: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
+    """Set by ``/stop``: the reply ends where it is."""
+
+
+async def until_stopped(pieces: AsyncIterator[str],
+                        stop: asyncio.Event) -> AsyncGenerator[str, None]:
+    """The pieces until ``stop`` is set, which ends the stream at once, even while waiting
+    for the next piece. The underlying stream is closed either way, so the generator
+    stops working on it."""
+    stopped = asyncio.ensure_future(stop.wait())
+    waiting: asyncio.Future[str] | None = None
+    try:
+        while True:
+            waiting = asyncio.ensure_future(anext(pieces))
+            await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                return
+            try:
+                piece = waiting.result()
+            except StopAsyncIteration:
+                return
+            waiting = None
+            yield piece
+    finally:
+        stopped.cancel()
+        if waiting is not None and not waiting.done():
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await waiting
+        close = getattr(pieces, "aclose", None)
+        if close is not None:
+            await close()
 
 
 class Responder:
@@ -134,12 +167,14 @@ class Responder:
         typing = asyncio.create_task(self._keep_typing(sink))
         try:
             async with asyncio.timeout(self._settings.generation_timeout):
-                async for piece in self._generator.stream(prompt.messages,
-                                                          self._params(question.conversation)):
-                    if not reply_parts:
-                        typing.cancel()
-                    reply_parts.append(piece)
-                    await stream.push(piece)
+                pieces = self._generator.stream(prompt.messages,
+                                                self._params(question.conversation))
+                async with contextlib.aclosing(until_stopped(pieces, question.stop)) as text:
+                    async for piece in text:
+                        if not reply_parts:
+                            typing.cancel()
+                        reply_parts.append(piece)
+                        await stream.push(piece)
         except (GenerationError, TimeoutError) as exc:
             reason = "it took too long" if isinstance(exc, TimeoutError) else str(exc)
             logger.warning("%s: generation for %s failed: %s", key,
@@ -158,7 +193,7 @@ class Responder:
         elapsed_ms = round((self._clock() - started) * 1000)
         reply_text = "".join(reply_parts)
         try:
-            platform_ids = await stream.finish()
+            platform_ids = await stream.finish(STOPPED_NOTE if question.stop.is_set() else "")
         except DeliveryError as exc:
             logger.warning("%s: could not deliver the reply to %s: %s", key,
                            question.platform_message_id, exc)

@@ -115,6 +115,12 @@ async def _listen(ctx: CommandContext) -> str:
     return "From now on I answer here only when mentioned or replied to."
 
 
+async def _stop(ctx: CommandContext) -> str:
+    if ctx.stop_reply():
+        return "Stopped."
+    return "There is no reply of yours being written here to stop."
+
+
 async def _forget(ctx: CommandContext) -> str:
     message = ctx.message
     deleted = await ctx.store.forget_user(message.platform, message.author_id)
@@ -152,6 +158,7 @@ def builtin_commands() -> CommandRegistry:
     for command in (
         Command("help", "list the commands", _help),
         Command("reset", "start a fresh context (history is kept)", _reset),
+        Command("stop", "stop the reply being written", _stop),
         Command("persona", "show or set this conversation's system prompt", _persona,
                 (Argument("text", "the new persona, or 'default'", rest=True),),
                 Access.ADMIN_IN_GROUPS),

@@ -45,6 +45,9 @@ class CommandContext:
     settings: Settings
     generator: Generator
     registry: CommandRegistry
+    stop_reply: Callable[[], bool] = lambda: False
+    """Stops the reply being generated in this conversation, if the caller may (its
+    asker, or an admin); returns whether one was stopped."""
 
 
 Handler = Callable[[CommandContext], Awaitable[str]]

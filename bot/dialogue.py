@@ -73,6 +73,7 @@ class _Lane:
     worker: asyncio.Task[None] | None = None
     in_flight: set[str] = field(default_factory=set)
     """Platform ids of messages queued or being answered (a redelivery must not repeat)."""
+    answering: Question | None = None
 
 
 class DialogueManager:
@@ -214,7 +215,7 @@ class DialogueManager:
             if self._closing:
                 logger.info("%s: not running /%s while stopping", key, call.name)
                 return None
-            return await self._run_command(call, message, conversation, chat_admin)
+            return await self._run_command(call, message, conversation, chat_admin, lane)
         if not text:
             if message.unsupported:
                 return UNSUPPORTED_NOTE.format(what=message.unsupported)
@@ -243,8 +244,8 @@ class DialogueManager:
                         conversation=conversation)
 
     async def _run_command(self, call: CommandCall, message: IncomingMessage,
-                           conversation: Conversation,
-                           chat_admin: AdminCheck | None) -> str | None:
+                           conversation: Conversation, chat_admin: AdminCheck | None,
+                           lane: _Lane) -> str | None:
         key = message.conversation_key
         command = self._commands.get(call.name)
         if command is None:
@@ -258,12 +259,19 @@ class DialogueManager:
         if not may_run(command, message, is_admin):
             logger.info("%s: refused /%s to %s", key, command.name, message.user_key)
             return f"Sorry, /{command.name} is for admins only."
+        def stop_reply() -> bool:
+            running = lane.answering
+            if running is None or not (is_admin or running.author_id == message.author_id):
+                return False
+            running.stop.set()
+            return True
+
         try:
             args = parse_arguments(command, call.argument_text)
             answer = await command.handler(CommandContext(
                 message=message, args=args, conversation=conversation, is_admin=is_admin,
                 store=self._store, settings=self._settings, generator=self._generator,
-                registry=self._commands,
+                registry=self._commands, stop_reply=stop_reply,
             ))
         except CommandError as exc:
             answer = str(exc)
@@ -281,12 +289,14 @@ class DialogueManager:
         try:
             while lane.answers:
                 question, sink, ticket = lane.answers[0]
+                lane.answering = question
                 try:
                     await self._responder.answer(question, sink)
                 except Exception:
                     logger.exception("%s: answering %s failed", key,
                                      question.platform_message_id)
                 finally:
+                    lane.answering = None
                     lane.answers.popleft()
                     lane.in_flight.discard(question.platform_message_id)
                     _resolve(ticket)

@@ -52,7 +52,7 @@ def test_arguments_are_checked() -> None:
 def test_registry_defines_each_command_once() -> None:
     registry = builtin_commands()
     assert {c.name for c in registry} == {"help", "reset", "persona", "settings", "stats",
-                                          "forget", "block", "unblock", "listen"}
+                                          "forget", "block", "unblock", "listen", "stop"}
     with pytest.raises(ValueError):
         registry.add(Command("help", "", _noop))
 

@@ -345,3 +345,33 @@ async def test_messages_arriving_while_stopping_are_stored_not_answered(
         "in flight", "arrived while stopping"]
     after = manager.submit(dm("after close"), sink)
     assert await after.accepted is False  # closed: left for the platform to redeliver
+
+
+async def test_stop_ends_a_reply_at_once_and_keeps_what_was_written(
+        manager: DialogueManager, generator: ScriptedGenerator, engine: AsyncEngine) -> None:
+    generator.hang = True
+    sink = RecordingSink()
+    running = manager.submit(dm("tell me everything", user="u7"), sink)
+    await wait_running(generator)
+    stopper = RecordingSink()
+    await manager.handle(dm("/stop", user="u7"), stopper)
+    assert stopper.texts == ["Stopped."]
+    await asyncio.wait_for(running, 5)  # no waiting for the generation timeout
+    assert sink.texts == ["(Stopped.)"] and generator.running == 0
+    assert await stored_texts(engine) == [("user", "tell me everything"), ("assistant", "")]
+    await manager.handle(dm("/stop", user="u7"), stopper)
+    assert stopper.texts[-1].startswith("There is no reply")
+
+
+async def test_in_a_group_only_the_asker_or_an_admin_may_stop_a_reply(
+        manager: DialogueManager, generator: ScriptedGenerator) -> None:
+    generator.hang = True
+    sink = RecordingSink()
+    running = manager.submit(group("a long story please", mention=True, user="u1"), sink)
+    await wait_running(generator)
+    other = RecordingSink()
+    await manager.handle(group("/stop", user="u2"), other)
+    assert other.texts[-1].startswith("There is no reply")
+    await manager.handle(group("/stop", user="u3", chat_admin=True), other)
+    assert other.texts[-1] == "Stopped."
+    await asyncio.wait_for(running, 5)
