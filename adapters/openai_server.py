@@ -174,16 +174,19 @@ class OpenAIServer:
         await response.write_eof()
         return response
 
+    def _reply_tokens(self, text: str) -> int:
+        """Tokens of the reply's content, without the template around it."""
+        return max(0, self._generator.count_tokens("assistant", text)
+                   - self._generator.count_tokens("assistant", ""))
+
     def _finish_reason(self, completion: CompletionRequest, text: str) -> str:
-        produced = self._generator.count_tokens("assistant", text) - \
-            self._generator.count_tokens("assistant", "")
+        produced = self._reply_tokens(text)
         return "length" if produced >= completion.params.max_new_tokens else "stop"
 
     def _usage(self, completion: CompletionRequest, text: str) -> dict[str, int]:
         prompt = self._generator.prompt_overhead + sum(
             self._generator.count_tokens(m.role, m.content) for m in completion.messages)
-        reply = max(0, self._generator.count_tokens("assistant", text)
-                    - self._generator.count_tokens("assistant", ""))
+        reply = self._reply_tokens(text)
         return {"prompt_tokens": prompt, "completion_tokens": reply,
                 "total_tokens": prompt + reply}
 

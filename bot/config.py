@@ -81,16 +81,9 @@ class Settings(BaseSettings):
     hour to show); empty means global."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("admins", mode="before")
+    @field_validator("admins", "discord_guild_ids", mode="before")
     @classmethod
-    def _split_admins(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
-    @field_validator("discord_guild_ids", mode="before")
-    @classmethod
-    def _split_guild_ids(cls, value: Any) -> Any:
+    def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value

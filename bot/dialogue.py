@@ -103,10 +103,6 @@ class DialogueManager:
     def active_conversations(self) -> int:
         return len(self._lanes)
 
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
     async def close(self) -> None:
         """Stop answering: running replies get the grace period to finish, then end with a
         note. Messages that arrive meanwhile are still stored (as pending, for the next start

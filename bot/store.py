@@ -11,6 +11,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
+from bot.events import IncomingMessage
+
 
 class Role(StrEnum):
     USER = "user"
@@ -86,6 +88,17 @@ class PendingMessage:
     thread_id: str | None
     platform_message_id: str
     author_name: str
+
+    def as_incoming(self, platform: str, *, is_direct: bool) -> IncomingMessage:
+        """The message as an adapter resubmits it after a restart (it was addressed to the
+        bot when it was stored)."""
+        return IncomingMessage(
+            platform=platform, chat_id=self.chat_id, thread_id=self.thread_id,
+            author_id=self.message.author_id or "", author_name=self.author_name,
+            message_id=self.platform_message_id, text=self.message.text,
+            is_direct=is_direct, mentions_bot=not is_direct,
+            received_at=self.message.created_at,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,13 +143,7 @@ class DiscordAdapter:
                 continue
             if not isinstance(channel, discord.abc.Messageable):
                 continue
-            direct = is_direct(channel)
-            incoming = IncomingMessage(
-                platform=PLATFORM, chat_id=item.chat_id, author_id=item.message.author_id or "",
-                author_name=item.author_name, message_id=item.platform_message_id,
-                text=item.message.text, is_direct=direct, mentions_bot=not direct,
-                received_at=item.message.created_at,
-            )
+            incoming = item.as_incoming(PLATFORM, is_direct=is_direct(channel))
             question = discord.PartialMessage(channel=channel,
                                               id=int(item.platform_message_id))
             self._manager.submit(incoming, ChannelSink(channel, question,

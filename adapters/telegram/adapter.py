@@ -108,15 +108,8 @@ class TelegramAdapter:
         pending = await self._manager.pending(PLATFORM)
         for item in pending:
             chat_id = int(item.chat_id)
-            is_direct = chat_id > 0  # private chats have the user's (positive) id
-            incoming = IncomingMessage(
-                platform=PLATFORM, chat_id=item.chat_id, thread_id=item.thread_id,
-                author_id=item.message.author_id or "", author_name=item.author_name,
-                message_id=item.platform_message_id, text=item.message.text,
-                is_direct=is_direct, mentions_bot=not is_direct,
-                received_at=item.message.created_at,
-            )
-            self._submit(incoming, chat_id)
+            # Private chats have the user's (positive) id.
+            self._submit(item.as_incoming(PLATFORM, is_direct=chat_id > 0), chat_id)
         if pending:
             logger.info("telegram: answering %s messages left from before the restart",
                         len(pending))

@@ -18,7 +18,7 @@ from typing import Any, Self
 from bot.errors import GenerationError, ModelUnavailable
 from bot.generators import model_files
 from bot.generators.base import ChatMessage, GenerationParams, cut_at_stop, held_back
-from bot.generators.scheduler import BatchScheduler, Request
+from bot.generators.scheduler import BatchScheduler, Request, eos_ids
 from bot.generators.tokens import TemplateCounter
 from bot.generators.workers import WorkerPool
 
@@ -55,25 +55,27 @@ class TransformersGenerator:
         self._limits = {"max_sequences": max_sequences, "max_queued": max_queued,
                         "prefill_chunk": prefill_chunk}
         self._tokenizer: Any = None
-        self._model: Any = None
+        self._config: Any = None
         self._counter: TemplateCounter | None = None
         self._scheduler: BatchScheduler | WorkerPool | None = None
         self._workers = workers
 
     async def __aenter__(self) -> Self:
         device, dtype = pick_device(self._device_setting)
-        self._tokenizer, self._model = await asyncio.to_thread(
-            model_files.load, self._model_name, self._cache_dir, device, dtype)
-        self._counter = TemplateCounter(self._tokenizer, self._model_name)
-        eos = self._model.generation_config.eos_token_id
-        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if self._workers > 1 and device == "cpu":
+            # The workers load the model; this process only tokenizes.
+            self._tokenizer, self._config = await asyncio.to_thread(
+                model_files.load_tokenizer, self._model_name, self._cache_dir)
             pool = WorkerPool(self._model_name, self._cache_dir, self._workers, **self._limits)
             await asyncio.to_thread(pool.start)
             self._scheduler = pool
         else:
-            self._scheduler = BatchScheduler(self._model, eos_ids=eos_ids, **self._limits)
+            self._tokenizer, model = await asyncio.to_thread(
+                model_files.load, self._model_name, self._cache_dir, device, dtype)
+            self._config = model.config
+            self._scheduler = BatchScheduler(model, eos_ids=eos_ids(model), **self._limits)
             self._scheduler.start()
+        self._counter = TemplateCounter(self._tokenizer, self._model_name)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -81,7 +83,6 @@ class TransformersGenerator:
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
             self._scheduler = None
-        self._model = None
 
     @property
     def scheduler(self) -> BatchScheduler | WorkerPool | None:
@@ -89,8 +90,7 @@ class TransformersGenerator:
 
     @property
     def context_window(self) -> int | None:
-        config = getattr(self._model, "config", None)
-        window = getattr(config, "max_position_embeddings", None)
+        window = getattr(self._config, "max_position_embeddings", None)
         return int(window) if window else None
 
     @property

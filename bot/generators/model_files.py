@@ -115,6 +115,18 @@ def local_weights(source: ModelSource, cache_dir: Path) -> str:
     return str(folder)
 
 
+def load_tokenizer(model: str, cache_dir: Path) -> tuple[Any, Any]:
+    """The tokenizer and model config only, for a process that does not run the model
+    itself (its worker processes do)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    location = local_weights(resolve(model), cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(location), AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"cannot load model {model!r}: {exc}") from exc
+
+
 def load(model: str, cache_dir: Path, device: str, dtype: Any) -> tuple[Any, Any]:
     """Load tokenizer and model onto ``device``. Blocking: call it off the event loop."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -33,6 +33,12 @@ Emit = Callable[[int | BaseException | None], None]
 the exception that ended the request)."""
 
 
+def eos_ids(model: Any) -> list[int]:
+    """The token ids that end a reply, from the model's generation config."""
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 class Busy(GenerationError):
     """More requests than the scheduler takes: answered at once, never queued."""
 

@@ -42,16 +42,14 @@ def _worker(model: str, cache_dir: str, limits: dict[str, int], jobs: Any,
 
     torch.set_num_threads(1)
     from bot.generators import model_files
-    from bot.generators.scheduler import BatchScheduler
+    from bot.generators.scheduler import BatchScheduler, eos_ids
 
     try:
         _tokenizer, loaded = model_files.load(model, Path(cache_dir), "cpu", torch.float32)
     except Exception as exc:  # reported to the parent, which fails its start
         results.put((index, -1, f"load failed: {exc}"))
         return
-    eos = loaded.generation_config.eos_token_id
-    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    scheduler = BatchScheduler(loaded, eos_ids=eos_ids, **limits)
+    scheduler = BatchScheduler(loaded, eos_ids=eos_ids(loaded), **limits)
     scheduler.start()
     requests: dict[int, Request] = {}
     results.put((index, -1, "ready"))
