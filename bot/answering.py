@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from bot.config import Settings
-from bot.errors import ChinwagError, DeliveryError, GenerationError
+from bot.errors import ChinwagError, DeliveryError, GenerationError, StorageError
 from bot.events import ReplySink
 from bot.generators import GenerationParams, Generator
 from bot.prompt import Budget, Prompt, build_prompt, history_room
@@ -158,8 +158,19 @@ class Responder:
         prompt = await self._prompt(question)
         logger.info("%s: answering %s with %s prompt tokens (%s history messages)", key,
                     question.platform_message_id, prompt.tokens, prompt.history_used)
+        async def remember_draft(platform_id: str) -> None:
+            try:
+                await self._store.set_reply_draft(stored.id, platform_id)
+            except StorageError as exc:  # only a crash would need it; the reply goes on
+                logger.warning("%s: could not note where the reply to %s shows: %s", key,
+                               question.platform_message_id, exc)
+
+        if stored.reply_draft_id:
+            logger.info("%s: continuing the interrupted reply to %s in message %s", key,
+                        question.platform_message_id, stored.reply_draft_id)
         stream = ReplyStream(sink, interval=self._settings.edit_interval, clock=self._clock,
-                             key=key)
+                             key=key, continue_in=stored.reply_draft_id,
+                             on_first_send=None if stored.reply_draft_id else remember_draft)
         if prompt.input_truncated:
             await stream.push(TRUNCATED_NOTE + "\n\n")
         reply_parts: list[str] = []

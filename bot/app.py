@@ -18,6 +18,7 @@ from bot.config import Settings
 from bot.dialogue import DialogueManager
 from bot.generators import Generator
 from bot.generators.echo import EchoGenerator
+from bot.retention import RetentionSweeper
 from storage.engine import create_engine
 from storage.migrate import upgrade
 from storage.repository import SqlStore
@@ -58,10 +59,11 @@ async def open_chinwag(settings: Settings,
     engine = create_engine(settings.database_url)
     try:
         await upgrade(engine)
-        async with (generator or make_generator(settings)) as gen, DialogueManager(
-            store=SqlStore(engine), generator=gen, settings=settings,
-            commands=builtin_commands(),
-        ) as manager:
+        store = SqlStore(engine)
+        async with RetentionSweeper(store, settings.retention_days), \
+                (generator or make_generator(settings)) as gen, \
+                DialogueManager(store=store, generator=gen, settings=settings,
+                                commands=builtin_commands()) as manager:
             yield manager
     finally:
         await engine.dispose()

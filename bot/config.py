@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     group_carry_minutes: float = Field(10.0, ge=0.0)
     """A fresh mention in a group carries the author's exchange with the bot from this window."""
     generation_timeout: float = Field(300.0, gt=0.0)
+    rate_per_minute: float = Field(6.0, ge=0.0)
+    """Messages a user may send to be answered, per minute on average (0: no limit)."""
+    rate_burst: int = Field(10, ge=0)
+    """...and at most this many in a quick burst. Admins are exempt."""
+    daily_tokens: int = Field(0, ge=0)
+    """Reply tokens a user may be sent per UTC day, over all chats (0: no quota)."""
+    retention_days: float | None = Field(None, gt=0.0)
+    """Messages older than this are deleted (hourly); unset keeps everything."""
     resume_minutes: float = Field(60.0, ge=0.0)
     """At start, messages accepted but left unanswered by a stop within this many minutes
     are answered; older ones are left (an answer days late helps nobody)."""

@@ -34,6 +34,7 @@ from bot.config import Settings
 from bot.errors import CommandError, DeliveryError
 from bot.events import IncomingMessage, ReplySink
 from bot.generators import Generator as TextGenerator
+from bot.ratelimit import RateLimiter
 from bot.store import Conversation, NewUserMessage, PendingMessage, State, Store
 from bot.streaming import ReplyStream
 
@@ -44,6 +45,10 @@ UNSUPPORTED_NOTE = "I can only read text for now, so I cannot see that {what}."
 INTAKE_FAILED_NOTE = "Sorry, I could not take your message just now. Please send it again."
 PENDING_LIMIT = 1000
 LATE_INTAKE_S = 5.0
+RATE_LIMITED_NOTE = ("You are sending messages faster than I can answer. Please wait "
+                     "{wait} and send that again.")
+QUOTA_NOTE = ("You have used today's allowance of {quota} reply tokens. It renews at "
+              "midnight UTC, in {wait}.")
 
 AdminCheck = Callable[[], Awaitable[bool]]
 """Asks the platform whether the author administers the chat; called only when a command
@@ -89,6 +94,7 @@ class DialogueManager:
         self._responder = Responder(store=store, generator=generator, settings=settings,
                                     clock=clock)
         self._lanes: dict[str, _Lane] = {}
+        self._limiter = RateLimiter(settings.rate_per_minute, settings.rate_burst, clock)
         self._closing = False
         self._closed = False
 
@@ -102,6 +108,11 @@ class DialogueManager:
     @property
     def active_conversations(self) -> int:
         return len(self._lanes)
+
+    @property
+    def rate_limited_users(self) -> int:
+        """Users whose message allowance is not full again (the rest are not tracked)."""
+        return self._limiter.tracked
 
     async def close(self) -> None:
         """Stop answering: running replies get the grace period to finish, then end with a
@@ -219,6 +230,10 @@ class DialogueManager:
         if message.message_id in lane.in_flight:
             logger.info("%s: message %s is being answered already", key, message.message_id)
             return None
+        if not self._known_admin(message):
+            refusal = await self._over_limit(key, message)
+            if refusal is not None:
+                return refusal or None
         tokens = await asyncio.to_thread(self._generator.count_tokens, "user", text) \
             if len(text) > 4096 else self._generator.count_tokens("user", text)
         admission = await self._store.add_user_message(NewUserMessage(
@@ -239,6 +254,32 @@ class DialogueManager:
                         received_at=message.received_at, message=admission.message,
                         conversation=conversation)
 
+    def _known_admin(self, message: IncomingMessage) -> bool:
+        return (self._settings.is_admin(message.user_key) or message.author_is_chat_admin
+                or message.platform == "console")
+
+    async def _over_limit(self, key: str, message: IncomingMessage) -> str | None:
+        """A note (or ``""``: refuse silently) when the author is over a limit."""
+        refusal = self._limiter.take(message.user_key)
+        if refusal is not None:
+            logger.info("%s: message %s from %s is over the rate limit", key,
+                        message.message_id, message.user_key)
+            return RATE_LIMITED_NOTE.format(wait=_duration(refusal.retry_after)) \
+                if refusal.tell else ""
+        quota = self._settings.daily_tokens
+        if quota:
+            now = datetime.now(UTC)
+            used = await self._store.reply_tokens_on(message.platform, message.author_id,
+                                                     now.date())
+            if used >= quota:
+                logger.info("%s: %s is over the daily quota (%s of %s tokens)", key,
+                            message.user_key, used, quota)
+                midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(),
+                                            tzinfo=UTC)
+                return QUOTA_NOTE.format(quota=quota,
+                                         wait=_duration((midnight - now).total_seconds()))
+        return None
+
     async def _run_command(self, call: CommandCall, message: IncomingMessage,
                            conversation: Conversation, chat_admin: AdminCheck | None,
                            lane: _Lane) -> str | None:
@@ -248,8 +289,7 @@ class DialogueManager:
             if message.addressed_to_bot:
                 return f"Unknown command /{call.name}. Send /help for the list."
             return None
-        is_admin = (self._settings.is_admin(message.user_key) or message.author_is_chat_admin
-                    or message.platform == "console")
+        is_admin = self._known_admin(message)
         if not is_admin and chat_admin is not None and needs_admin(command, message):
             is_admin = await chat_admin()
         if not may_run(command, message, is_admin):
@@ -307,6 +347,16 @@ class DialogueManager:
     def _drop(self, key: str, lane: _Lane) -> None:
         if self._lanes.get(key) is lane and not lane.answers:
             del self._lanes[key]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(1, round(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def _settle(future: asyncio.Future[bool], value: bool) -> None:

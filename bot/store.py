@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Protocol
 
@@ -53,6 +53,9 @@ class StoredMessage:
     tokens: int
     created_at: datetime
     reply_to_id: int | None
+    reply_draft_id: str | None = None
+    """A user message's reply as far as it got: the platform id of its first message, sent
+    before a crash cut the reply short (the next try writes into it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +157,10 @@ class Store(Protocol):
 
     async def mark_failed(self, message_id: int) -> None: ...
 
+    async def set_reply_draft(self, message_id: int, platform_message_id: str) -> None:
+        """Remember where a reply to this user message started showing."""
+        ...
+
     async def pending(self, platform: str, since: datetime,
                       limit: int) -> Sequence[PendingMessage]:
         """Pending user messages of a platform stored since ``since``, oldest first."""
@@ -191,3 +198,12 @@ class Store(Protocol):
     async def set_blocked(self, platform: str, user_id: str, blocked: bool) -> None: ...
 
     async def stats(self) -> Stats: ...
+
+    async def reply_tokens_on(self, platform: str, user_id: str, day: date) -> int:
+        """Tokens generated in replies to a user on one (UTC) day, in every conversation."""
+        ...
+
+    async def delete_older_than(self, cutoff: datetime) -> int:
+        """Delete messages stored before ``cutoff`` and usage of days before it; returns
+        how many messages went."""
+        ...

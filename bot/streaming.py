@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from bot.errors import DeliveryError
 from bot.events import ReplySink
@@ -19,16 +19,23 @@ class ReplyStream:
 
     Failed intermediate edits are logged and skipped (the next edit carries the text);
     failures of the final form of a message are raised.
+
+    ``continue_in`` is a message an earlier, interrupted try of this reply left half
+    written: the reply is written into it instead of a new one. ``on_first_send`` learns
+    the id of the first message sent, so such a message can be found after a crash.
     """
 
     def __init__(self, sink: ReplySink, *, interval: float, clock: Callable[[], float],
-                 key: str = "") -> None:
+                 key: str = "", continue_in: str | None = None,
+                 on_first_send: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._sink = sink
         self._interval = interval
         self._clock = clock
         self._key = key
-        self._message_ids: list[str] = []
-        self._current_id: str | None = None
+        self._continued = continue_in
+        self._on_first_send = on_first_send
+        self._message_ids: list[str] = [continue_in] if continue_in else []
+        self._current_id: str | None = continue_in
         self._pending = ""
         self._shown = ""
         self._last_update = float("-inf")
@@ -77,10 +84,20 @@ class ReplyStream:
             if self._current_id is None:
                 self._current_id = await self._sink.send(text, final=final)
                 self._message_ids.append(self._current_id)
+                if self._on_first_send is not None and len(self._message_ids) == 1:
+                    await self._on_first_send(self._current_id)
             else:
                 await self._sink.edit(self._current_id, text, final=final)
             self._shown = text
         except DeliveryError as exc:
+            if self._continued is not None and self._current_id == self._continued:
+                # The half-written message is gone (deleted, too old to edit): start anew.
+                logger.info("%s: cannot continue message %s (%s); sending a new one",
+                            self._key, self._continued, exc)
+                self._continued = self._current_id = None
+                self._message_ids.clear()
+                await self._show(text, final=final)
+                return
             if final:
                 raise
             logger.warning("%s: skipped a streaming update: %s", self._key, exc)

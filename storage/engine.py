@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,23 @@ logger = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return on_connect
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """Create the async engine; a SQLite file's folder is created on first use."""
+def create_engine(url: str, *, sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS
+                  ) -> AsyncEngine:
+    """Create the async engine; a SQLite file's folder is created on first use. A server
+    database's pooled connections are checked before use, so a restarted server costs a
+    reconnect, not an error."""
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
@@ -38,11 +45,14 @@ def create_engine(url: str) -> AsyncEngine:
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     try:
-        engine = create_async_engine(parsed)
+        if parsed.get_backend_name() == "sqlite":
+            engine = create_async_engine(parsed)
+        else:
+            engine = create_async_engine(parsed, pool_pre_ping=True)
     except (ArgumentError, ImportError) as exc:
         raise ConfigError(f"CHINWAG_DATABASE_URL cannot be used: {exc}") from None
     if engine.dialect.name == "sqlite":
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas(sqlite_busy_timeout_ms))
     logger.debug("database engine for %s", parsed.render_as_string(hide_password=True))
     return engine
 

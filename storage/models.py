@@ -88,6 +88,7 @@ class MessageRow(Base):
         Index("ix_messages_author", "platform", "author_id"),
         # Finding what is still to answer after a restart.
         Index("ix_messages_pending", "platform", "state"),
+        Index("ix_messages_created_at", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -105,6 +106,7 @@ class MessageRow(Base):
     text: Mapped[str] = mapped_column(Text)
     tokens: Mapped[int] = mapped_column(Integer)
     state: Mapped[str | None] = mapped_column(String(16))
+    reply_draft_id: Mapped[str | None] = mapped_column(String(128))
     """``bot.store.State`` of a user message; ``None`` for replies."""
     generation_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import and_, delete, func, not_, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -28,7 +37,51 @@ from storage.models import ConversationRow, MessageRow, PlatformMessageRow, Usag
 
 logger = logging.getLogger(__name__)
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 STATS_LATENCY_SAMPLE = 1000
+RETRY_DELAYS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
+"""Waits between tries of a call the database refused for a passing reason (SQLite locked
+by another writer, PostgreSQL restarting): about 11 s in all, then the error goes up."""
+
+ASYNCPG_TRANSIENT = frozenset({"CannotConnectNowError", "AdminShutdownError",
+                               "ConnectionDoesNotExistError", "ConnectionFailureError",
+                               "TooManyConnectionsError"})
+
+
+def _transient(exc: BaseException | None) -> bool:
+    """Whether trying again later may work: a lock, a lost or refused connection."""
+    if isinstance(exc, IntegrityError):
+        return False
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError | InterfaceError | OSError):
+        return True
+    # asyncpg's own errors (server starting up or shutting down) pass unwrapped on connect.
+    return type(exc).__name__ in ASYNCPG_TRANSIENT
+
+
+def _retrying(method: Callable[Concatenate[SqlStore, P], Coroutine[Any, Any, T]]
+              ) -> Callable[Concatenate[SqlStore, P], Coroutine[Any, Any, T]]:
+    """Runs a store call again, whole, after a passing database failure. Each call is one
+    transaction, so a failed try left nothing behind."""
+
+    async def call(self: SqlStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
+            try:
+                return await method(self, *args, **kwargs)
+            except StorageError as exc:
+                if delay is None or not _transient(exc.__cause__):
+                    raise
+                logger.warning("%s: database unavailable (%s); try %s again in %.1f s",
+                               method.__name__, exc.__cause__.__class__.__name__, attempt,
+                               delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    functools.update_wrapper(call, method)
+    return call
 
 
 def _conversation(row: ConversationRow) -> Conversation:
@@ -53,6 +106,7 @@ def _message(row: MessageRow) -> StoredMessage:
         tokens=row.tokens,
         created_at=row.created_at,
         reply_to_id=row.reply_to_id,
+        reply_draft_id=row.reply_draft_id,
     )
 
 
@@ -78,9 +132,14 @@ class SqlStore:
         try:
             async with self._sessions() as session, session.begin():
                 yield session
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError) as exc:
             raise StorageError(f"database error: {exc.__class__.__name__}: {exc}") from exc
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            raise StorageError(f"database unreachable: {exc.__class__.__name__}") from exc
 
+    @_retrying
     async def conversation(self, key: str) -> Conversation:
         async with self._transaction() as session:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
@@ -105,17 +164,20 @@ class SqlStore:
             assert row is not None
             return _conversation(row)
 
+    @_retrying
     async def find_conversation(self, key: str) -> Conversation | None:
         async with self._transaction() as session:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
             return None if row is None else _conversation(row)
 
+    @_retrying
     async def set_answer_all(self, conversation_id: int, answer_all: bool) -> None:
         async with self._transaction() as session:
             await session.execute(update(ConversationRow)
                                   .where(ConversationRow.id == conversation_id)
                                   .values(answer_all=answer_all))
 
+    @_retrying
     async def touch_user(self, platform: str, user_id: str, display_name: str) -> bool:
         async with self._transaction() as session:
             row = await session.scalar(
@@ -131,6 +193,7 @@ class SqlStore:
             row.last_seen_at = now
             return row.blocked
 
+    @_retrying
     async def add_user_message(self, message: NewUserMessage) -> Admission:
         try:
             return await self._add_user_message(message)
@@ -181,6 +244,7 @@ class SqlStore:
             ))
         return Admission(_message(row), new=True, state=State.PENDING)
 
+    @_retrying
     async def add_reply(self, reply: NewReply) -> StoredMessage:
         async with self._transaction() as session:
             row = MessageRow(
@@ -223,6 +287,7 @@ class SqlStore:
             usage.reply_tokens += reply.tokens
         return _message(row)
 
+    @_retrying
     async def history(self, conversation_id: int, after_id: int, before_id: int,
                       limit: int) -> Sequence[StoredMessage]:
         async with self._transaction() as session:
@@ -236,11 +301,13 @@ class SqlStore:
             )
             return [_message(row) for row in rows]
 
+    @_retrying
     async def message(self, message_id: int) -> StoredMessage | None:
         async with self._transaction() as session:
             row = await session.get(MessageRow, message_id)
             return None if row is None else _message(row)
 
+    @_retrying
     async def author_exchange(self, conversation_id: int, author_id: str, after_id: int,
                               before_id: int, since: datetime,
                               limit: int) -> Sequence[StoredMessage]:
@@ -257,11 +324,19 @@ class SqlStore:
             )
             return [_message(row) for row in rows]
 
+    @_retrying
     async def mark_failed(self, message_id: int) -> None:
         async with self._transaction() as session:
             await session.execute(update(MessageRow).where(MessageRow.id == message_id)
                                   .values(state=State.FAILED.value))
 
+    @_retrying
+    async def set_reply_draft(self, message_id: int, platform_message_id: str) -> None:
+        async with self._transaction() as session:
+            await session.execute(update(MessageRow).where(MessageRow.id == message_id)
+                                  .values(reply_draft_id=platform_message_id))
+
+    @_retrying
     async def pending(self, platform: str, since: datetime,
                       limit: int) -> Sequence[PendingMessage]:
         async with self._transaction() as session:
@@ -286,6 +361,7 @@ class SqlStore:
                 for message, conversation, name in rows
             ]
 
+    @_retrying
     async def reset(self, conversation_id: int) -> None:
         async with self._transaction() as session:
             newest = await session.scalar(
@@ -297,12 +373,14 @@ class SqlStore:
                 .values(reset_after_id=newest or 0)
             )
 
+    @_retrying
     async def set_persona(self, conversation_id: int, persona: str | None) -> None:
         async with self._transaction() as session:
             await session.execute(update(ConversationRow)
                                   .where(ConversationRow.id == conversation_id)
                                   .values(persona=persona))
 
+    @_retrying
     async def set_generation(self, conversation_id: int, temperature: float | None,
                              max_reply_tokens: int | None) -> None:
         async with self._transaction() as session:
@@ -311,6 +389,7 @@ class SqlStore:
                                   .values(temperature=temperature,
                                           max_reply_tokens=max_reply_tokens))
 
+    @_retrying
     async def forget_user(self, platform: str, user_id: str) -> int:
         async with self._transaction() as session:
             result = await session.execute(
@@ -325,6 +404,7 @@ class SqlStore:
         logger.info("forgot %s:%s (%s messages)", platform, user_id, deleted)
         return deleted
 
+    @_retrying
     async def set_blocked(self, platform: str, user_id: str, blocked: bool) -> None:
         async with self._transaction() as session:
             row = await session.scalar(
@@ -336,6 +416,7 @@ class SqlStore:
             else:
                 row.blocked = blocked
 
+    @_retrying
     async def stats(self) -> Stats:
         async with self._transaction() as session:
             conversations = await session.scalar(select(func.count(ConversationRow.id)))
@@ -367,3 +448,24 @@ class SqlStore:
             latency_ms_p50=_percentile(values, 0.5),
             latency_ms_p95=_percentile(values, 0.95),
         )
+
+    @_retrying
+    async def reply_tokens_on(self, platform: str, user_id: str, day: date) -> int:
+        async with self._transaction() as session:
+            total = await session.scalar(
+                select(func.coalesce(func.sum(UsageRow.reply_tokens), 0))
+                .where(UsageRow.platform == platform, UsageRow.user_id == user_id,
+                       UsageRow.day == day))
+            return int(total or 0)
+
+    @_retrying
+    async def delete_older_than(self, cutoff: datetime) -> int:
+        async with self._transaction() as session:
+            result = await session.execute(delete(MessageRow)
+                                           .where(MessageRow.created_at < cutoff))
+            await session.execute(delete(UsageRow).where(UsageRow.day < cutoff.date()))
+            deleted: int = getattr(result, "rowcount", 0) or 0
+        if deleted:
+            logger.info("retention: deleted %s messages stored before %s", deleted,
+                        cutoff.isoformat(timespec="seconds"))
+        return deleted

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,12 @@ from storage.engine import create_engine
 from storage.migrate import upgrade
 from storage.repository import SqlStore
 from tests.auxil.generators import ScriptedGenerator
+from tests.auxil.postgres import REQUIRED_ENV, PostgresServer, bin_dir
 
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads the developer's .env or CHINWAG_* variables."""
-    import os
 
     for name in list(os.environ):
         if name.startswith("CHINWAG_"):
@@ -26,10 +27,27 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (each test takes a new database in it)."""
+    programs = bin_dir()
+    if programs is None:
+        message = "PostgreSQL is not installed here (apt-get install postgresql)"
+        if os.environ.get(REQUIRED_ENV) == "required":
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer(programs)
+    server.init()
+    server.start()
+    yield server
+    server.remove()
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
+    # No rate limit here: tests send bursts on purpose; tests of the limit turn it on.
     return load_settings(data_dir=tmp_path / "data", generator="echo", edit_interval=0.0,
-                         admins="telegram:admin1")
+                         admins="telegram:admin1", rate_per_minute=0)
 
 
 @pytest.fixture

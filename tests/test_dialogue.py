@@ -3,7 +3,7 @@ from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.answering import TRUNCATED_NOTE
+from bot.answering import SHUTDOWN_NOTE, TRUNCATED_NOTE
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings
 from bot.dialogue import EMPTY_NOTE, DialogueManager
@@ -264,18 +264,35 @@ async def test_pending_messages_are_listed_after_an_interrupted_answer(
     generator = ScriptedGenerator(hang=True)
     manager = DialogueManager(store=store, generator=generator, settings=settings,
                               commands=builtin_commands(), shutdown_grace=0.05)
-    ticket = manager.submit(dm("interrupted", message_id="m-int"), RecordingSink())
+    sink = RecordingSink()
+    ticket = manager.submit(dm("interrupted", message_id="m-int"), sink)
     await ticket.accepted
     await manager.close()
+    assert sink.texts == [SHUTDOWN_NOTE]
     [pending] = await manager.pending("telegram")
     assert (pending.message.text, pending.platform_message_id) == ("interrupted", "m-int")
-    # The next process answers it when the adapter resubmits it.
+    # The next process answers it when the adapter resubmits it, in the message that the
+    # interrupted try left: the chat shows one answer, not a stub and an answer.
     async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as restarted:
-        sink = RecordingSink()
         await restarted.handle(dm("interrupted", message_id="m-int"), sink)
         assert sink.texts == ["interrupted"]
         assert await restarted.pending("telegram") == []
+
+
+async def test_a_reply_whose_half_written_message_is_gone_starts_anew(
+        store: SqlStore, settings: Settings) -> None:
+    manager = DialogueManager(store=store, generator=ScriptedGenerator(hang=True),
+                              settings=settings, commands=builtin_commands(),
+                              shutdown_grace=0.05)
+    first = RecordingSink()
+    await manager.submit(dm("again", message_id="m-again"), first).accepted
+    await manager.close()
+    other = RecordingSink(fail_unknown_edits=True)
+    async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as restarted:
+        await restarted.handle(dm("again", message_id="m-again"), other)
+    assert other.texts == ["again"]
 
 
 async def test_failed_messages_are_not_answered_again(manager: DialogueManager,

@@ -1,14 +1,21 @@
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.config import Settings
+from bot.errors import StorageError
+from bot.retention import RetentionSweeper
 from bot.store import NewReply, NewUserMessage, Role, State, StoredMessage
+from storage.engine import create_engine
 from storage.migrate import head_revision, upgrade
 from storage.models import Base, MessageRow, PlatformMessageRow, UsageRow, UserRow
 from storage.repository import SqlStore
+from tests.auxil.postgres import PostgresServer
 
 
 def user_message(conversation_id: int, platform_id: str, text: str = "hello", *,
@@ -29,6 +36,21 @@ def reply(conversation_id: int, to: int, ids: list[str], text: str = "hi there",
                     generation_ms=120, platform_message_ids=ids)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine(request: pytest.FixtureRequest,
+                 settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """Every storage test runs on a SQLite file and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        url = settings.database_url
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        url = server.create_database()
+    engine = create_engine(url)
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
 async def test_migrations_match_the_models(engine: AsyncEngine) -> None:
     def diff(connection: Connection) -> list[object]:
         return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
@@ -38,10 +60,12 @@ async def test_migrations_match_the_models(engine: AsyncEngine) -> None:
     assert await upgrade(engine) == head_revision()  # running it again is a no-op
 
 
-async def test_sqlite_runs_in_wal_with_foreign_keys(engine: AsyncEngine) -> None:
+async def test_sqlite_runs_in_wal_with_foreign_keys(settings: Settings) -> None:
+    engine = create_engine(settings.database_url)
     async with engine.connect() as connection:
         assert (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
         assert (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+    await engine.dispose()
 
 
 async def test_conversation_is_created_once(store: SqlStore) -> None:
@@ -174,3 +198,63 @@ async def test_block_and_stats(store: SqlStore) -> None:
     stats = await store.stats()
     assert (stats.conversations, stats.users, stats.user_messages, stats.replies) == (1, 1, 1, 1)
     assert stats.latency_ms_p50 == 120.0
+
+
+async def test_a_turns_reply_writes_are_one_transaction(store: SqlStore,
+                                                        engine: AsyncEngine) -> None:
+    conversation = await store.conversation("telegram:1")
+    first = await added(store, user_message(conversation.id, "p1"))
+    second = await added(store, user_message(conversation.id, "p2"))
+    # The reply's platform id clashes with a stored one, so its last write fails...
+    with pytest.raises(StorageError):
+        await store.add_reply(reply(conversation.id, second.id, ["p1"]))
+    # ...and none of that turn's writes stayed: no reply, no usage, still pending.
+    assert [m.text for m in await store.history(conversation.id, 0, 10**9, 10)] == \
+        ["hello", "hello"]
+    async with engine.connect() as connection:
+        assert (await connection.execute(
+            select(func.count()).select_from(UsageRow))).scalar() == 0
+        state = (await connection.execute(
+            select(MessageRow.state).where(MessageRow.id == second.id))).scalar()
+    assert state == State.PENDING.value
+    assert first.id != second.id
+
+
+async def test_retention_deletes_old_messages_and_usage(store: SqlStore,
+                                                        engine: AsyncEngine) -> None:
+    conversation = await store.conversation("telegram:1")
+    old = await added(store, user_message(conversation.id, "p1", "old news"))
+    await store.add_reply(reply(conversation.id, old.id, ["b1"], "old answer"))
+    new = await added(store, user_message(conversation.id, "p2", "fresh"))
+    await store.add_reply(reply(conversation.id, new.id, ["b2"], "fresh answer"))
+    long_ago = datetime.now(UTC) - timedelta(days=40)
+    async with engine.begin() as connection:
+        await connection.execute(update(MessageRow).where(MessageRow.id <= old.id + 1)
+                                 .values(created_at=long_ago))
+        await connection.execute(insert(UsageRow).values(
+            platform="telegram", user_id="u1", conversation_id=conversation.id,
+            day=long_ago.date(), messages=1, prompt_tokens=5, reply_tokens=7))
+    sweeper = RetentionSweeper(store, 30)
+    assert await sweeper.sweep() == 2
+    async with engine.connect() as connection:
+        texts = (await connection.execute(select(MessageRow.text)
+                                          .order_by(MessageRow.id))).scalars().all()
+        days = (await connection.execute(select(UsageRow.day))).scalars().all()
+        links = (await connection.execute(
+            select(PlatformMessageRow.platform_message_id)
+            .order_by(PlatformMessageRow.id))).scalars().all()
+    assert texts == ["fresh", "fresh answer"]
+    assert days == [datetime.now(UTC).date()]
+    assert links == ["p2", "b2"]
+    assert await RetentionSweeper(store, None).sweep() == 0  # unset keeps everything
+
+
+async def test_reply_tokens_of_a_day_count_every_conversation(store: SqlStore) -> None:
+    today = datetime.now(UTC).date()
+    for key in ("telegram:1", "telegram:2"):
+        conversation = await store.conversation(key)
+        question = await added(store, user_message(conversation.id, "p1"))
+        await store.add_reply(reply(conversation.id, question.id, ["b1"]))
+    assert await store.reply_tokens_on("telegram", "u1", today) == 4
+    assert await store.reply_tokens_on("telegram", "u2", today) == 0
+    assert await store.reply_tokens_on("telegram", "u1", today - timedelta(days=1)) == 0

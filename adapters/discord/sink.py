@@ -58,11 +58,20 @@ class ChannelSink(_DiscordLength):
     async def edit(self, message_id: str, text: str, *, final: bool = False) -> None:
         if self._shown.get(message_id) == text:
             return  # Markdown needs no final conversion on Discord: nothing to change
+        # A message this sink did not send: one an interrupted try of the reply left.
+        target = self._sent.get(message_id) or self._partial(message_id)
         try:
-            await self._sent[message_id].edit(content=text, allowed_mentions=NO_PINGS)
+            await target.edit(content=text, allowed_mentions=NO_PINGS)
         except discord.HTTPException as exc:
             raise DeliveryError(f"edit: {exc}") from exc
         self._shown[message_id] = text
+
+    def _partial(self, message_id: str) -> discord.PartialMessage:
+        make = getattr(self._channel, "get_partial_message", None)
+        if make is None or not message_id.isdigit():
+            raise DeliveryError(f"edit: message {message_id} is not in this channel")
+        partial: discord.PartialMessage = make(int(message_id))
+        return partial
 
     async def typing(self) -> None:
         try:

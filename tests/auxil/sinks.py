@@ -20,6 +20,9 @@ class Call:
 class RecordingSink:
     limit: int = 4096
     fail_edits: bool = False
+    fail_unknown_edits: bool = False
+    """Refuse an edit of a message this sink never sent, as a platform does for a deleted
+    one (otherwise such an edit fails the test)."""
     prefix: str = "bot"
     calls: list[Call] = field(default_factory=list)
     messages: dict[str, str] = field(default_factory=dict)
@@ -41,6 +44,8 @@ class RecordingSink:
         return message_id
 
     async def edit(self, message_id: str, text: str, *, final: bool = False) -> None:
+        if self.fail_unknown_edits and message_id not in self.messages:
+            raise DeliveryError("message to edit not found")
         assert message_id in self.messages, "edited a message it never sent"
         assert len(text) <= self.limit
         if self.fail_edits and not final:

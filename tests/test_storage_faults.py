@@ -1,0 +1,114 @@
+"""The database fails for a while: a SQLite file locked by another writer, a PostgreSQL
+server restarted or down. Messages are retried, or the user is told; none is dropped
+silently."""
+
+import asyncio
+import logging
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.builtin_commands import builtin_commands
+from bot.config import Settings
+from bot.dialogue import INTAKE_FAILED_NOTE, DialogueManager
+from storage import repository
+from storage.engine import create_engine
+from storage.migrate import upgrade
+from storage.repository import SqlStore
+from tests.auxil.db import stored_texts
+from tests.auxil.factories import dm
+from tests.auxil.generators import ScriptedGenerator
+from tests.auxil.postgres import PostgresServer
+from tests.auxil.sinks import RecordingSink
+
+
+async def test_sqlite_locked_by_another_writer_is_retried(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    # A short busy timeout, so the lock outlasts SQLite's own waiting and the store's
+    # retries are what get the message in.
+    engine = create_engine(settings.database_url, sqlite_busy_timeout_ms=20)
+    await upgrade(engine)
+    store = SqlStore(engine)
+    conversation = await store.conversation("telegram:1")
+    path = settings.database_url.split(":///", 1)[1]
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(5)
+        other.execute("COMMIT")
+        other.close()
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    locked.wait(5)
+    asyncio.get_running_loop().call_later(0.5, release.set)
+    caplog.set_level(logging.WARNING, logger="storage.repository")
+    try:
+        await store.set_persona(conversation.id, "a pirate")
+    finally:
+        release.set()
+        holder.join()
+    assert (await store.conversation("telegram:1")).persona == "a pirate"
+    assert any("database unavailable (OperationalError)" in r.getMessage()
+               for r in caplog.records)
+    await engine.dispose()
+
+
+@pytest.fixture
+async def pg_engine(postgres_server: PostgresServer) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(postgres_server.create_database())
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def pg_manager(pg_engine: AsyncEngine,
+                     settings: Settings) -> AsyncIterator[DialogueManager]:
+    async with DialogueManager(store=SqlStore(pg_engine), generator=ScriptedGenerator(),
+                               settings=settings, commands=builtin_commands()) as manager:
+        yield manager
+
+
+async def test_postgres_restart_while_a_message_arrives_is_retried(
+        postgres_server: PostgresServer, pg_manager: DialogueManager,
+        pg_engine: AsyncEngine) -> None:
+    sink = RecordingSink()
+    await pg_manager.handle(dm("before"), sink)  # the pool holds a live connection now
+    await asyncio.to_thread(postgres_server.stop)
+    try:
+        ticket = pg_manager.submit(dm("during the restart"), sink)
+        await asyncio.sleep(1.0)
+        assert not ticket.accepted.done()  # still trying, not given up
+    finally:
+        await asyncio.to_thread(postgres_server.start)
+    assert await asyncio.wait_for(ticket.accepted, 20) is True
+    await ticket
+    assert sink.texts == ["before", "during the restart"]
+    assert await stored_texts(pg_engine) == [
+        ("user", "before"), ("assistant", "before"),
+        ("user", "during the restart"), ("assistant", "during the restart"),
+    ]
+
+
+async def test_postgres_down_too_long_tells_the_user(
+        postgres_server: PostgresServer, pg_manager: DialogueManager,
+        pg_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(repository, "RETRY_DELAYS_S", (0.05, 0.05))
+    sink = RecordingSink()
+    await asyncio.to_thread(postgres_server.stop)
+    try:
+        await pg_manager.handle(dm("anyone there?"), sink)
+    finally:
+        await asyncio.to_thread(postgres_server.start)
+    assert sink.texts == [INTAKE_FAILED_NOTE]
+    await pg_manager.handle(dm("back again"), sink)
+    assert sink.texts[-1] == "back again"
+    assert await stored_texts(pg_engine) == [("user", "back again"),
+                                             ("assistant", "back again")]
