@@ -31,11 +31,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+class _Redacting(logging.Formatter):
+    """Replaces every secret (tokens, API keys, a database password) wherever it shows:
+    in messages, their arguments and tracebacks, also those of third-party libraries,
+    which may log a URL with a token in it."""
+
+    def __init__(self, fmt: str, secrets: Sequence[str]) -> None:
+        super().__init__(fmt)
+        self._secrets = [s for s in secrets if len(s) >= 6]
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self._secrets)
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+def _configure_logging(level: str, secrets: Sequence[str] = ()) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                    secrets))
+    logging.basicConfig(level=level, handlers=[handler])
     # Their INFO lines are about HTTP requests and model internals, not our conversations.
     for noisy in ("httpx", "transformers", "aiosqlite", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
@@ -50,12 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bot import app
     from bot.config import load_settings
 
+    secrets: Sequence[str] = ()
     try:
         settings = load_settings()
+        secrets = settings.secrets()
         level = "DEBUG" if args.verbose else settings.log_level
         # The terminal chat shows only problems; its conversation is the output.
         _configure_logging("WARNING" if args.command == "console" and not args.verbose
-                           else level)
+                           else level, settings.secrets())
         if args.command == "console":
             asyncio.run(app.console(settings))
         elif args.command == "run":
@@ -66,10 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             revision = asyncio.run(app.upgrade_database(settings))
             print(f"database is at revision {revision}")
     except ConfigError as exc:
-        print(f"chinwag: configuration error: {exc}", file=sys.stderr)
+        print(f"chinwag: configuration error: {redact(str(exc), secrets)}", file=sys.stderr)
         return 2
     except ChinwagError as exc:
-        print(f"chinwag: error: {exc}", file=sys.stderr)
+        print(f"chinwag: error: {redact(str(exc), secrets)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

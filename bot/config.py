@@ -144,6 +144,18 @@ class Settings(BaseSettings):
     def is_admin(self, user_key: str) -> bool:
         return user_key in self.admins
 
+    def secrets(self) -> list[str]:
+        """Every secret value set, for logging to blank out."""
+        values = [secret.get_secret_value() for secret in (
+            self.telegram_token, self.discord_token, self.openai_api_key, self.serve_api_key)
+            if secret is not None]
+        from sqlalchemy.engine import make_url
+
+        password = make_url(self.database_url).password if self.database_url else None
+        if password:
+            values.append(str(password))
+        return [v for v in values if v]
+
 
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings, turning validation errors into one readable ``ConfigError`` line."""

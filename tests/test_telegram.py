@@ -25,7 +25,7 @@ from storage.repository import SqlStore
 from tests.auxil.db import stored_texts
 from tests.auxil.generators import ScriptedGenerator
 from tests.auxil.process import serve_until_sigterm
-from tests.auxil.telegram_api import TelegramEmulator
+from tests.auxil.telegram_api import DROP, TelegramEmulator
 
 ADMIN = 42
 GROUP = -100
@@ -154,6 +154,26 @@ async def test_admin_commands_are_refused_to_members(tg: TelegramEmulator,
     assert tg.final_text(GROUP) == [f"Sorry, /{command} is for admins only."]
 
 
+@pytest.mark.parametrize("command", [c.name for c in ADMIN_COMMANDS])
+async def test_an_admins_name_does_not_make_an_admin(tg: TelegramEmulator,
+                                                    command: str) -> None:
+    # Same first name, last name and username as the admin, in a private chat and a group.
+    spoof = {"id": 666, "is_bot": False, "first_name": "admin", "last_name": str(ADMIN),
+             "username": str(ADMIN)}
+    # In a private chat a user may steer their own conversation (persona, settings).
+    places = [(GROUP, "supergroup")] + [(666, "private")] * (
+        next(c for c in ADMIN_COMMANDS if c.name == command).access is Access.ADMIN)
+    for chat, chat_type in places:
+        message = tg.user_message(chat=chat, user=666, chat_type=chat_type,
+                                  text=f"/{command} 42")
+        message["from"] = spoof
+        message["entities"] = [{"type": "bot_command", "offset": 0,
+                                "length": len(command) + 1}]
+        tg.push_message(message)
+        await tg.wait_for(lambda chat=chat: len(tg.final_text(chat)) == 1)  # type: ignore[misc]
+        assert tg.final_text(chat) == [f"Sorry, /{command} is for admins only."]
+
+
 async def test_admin_commands_for_configured_and_chat_admins(tg: TelegramEmulator) -> None:
     tg.admins[GROUP] = {8}
     tg.push_text("/persona Speak like a pirate.", chat=GROUP, user=ADMIN, chat_type="supergroup")
@@ -221,6 +241,24 @@ async def test_server_errors_are_retried_with_backoff(tg: TelegramEmulator) -> N
     tg.push_text("through the storm", chat=8, user=8)
     await tg.wait_for(lambda: tg.final_text(8) == ["through the storm"], timeout=20)
     assert len(tg.final_text(8)) == 1
+
+
+async def test_bursts_of_429_5xx_and_dropped_connections_lose_nothing(
+        tg: TelegramEmulator, engine: AsyncEngine) -> None:
+    tg.fail("getUpdates", DROP, "", times=2)
+    tg.fail("sendMessage", 429, "Too Many Requests: retry after 1", times=3, retry_after=1)
+    tg.fail("sendMessage", DROP, "", times=3)
+    tg.fail("sendMessage", 502, "Bad Gateway", times=3)
+    tg.fail("editMessageText", DROP, "", times=3)
+    texts = {chat: f"message in the storm to chat {chat}" for chat in range(30, 40)}
+    for chat, text in texts.items():
+        tg.push_text(text, chat=chat, user=chat)
+    await tg.wait_for(lambda: all(tg.final_text(c) == [t] for c, t in texts.items()),
+                      timeout=60)
+    assert len(tg.failed("sendMessage")) == 9 and len(tg.failed("getUpdates")) == 2
+    stored = await stored_texts(engine)
+    assert sorted(t for role, t in stored if role == "user") == sorted(texts.values())
+    assert sorted(t for role, t in stored if role == "assistant") == sorted(texts.values())
 
 
 async def test_slow_answers_hold_up_nobody_else(tg: TelegramEmulator) -> None:

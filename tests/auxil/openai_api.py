@@ -29,6 +29,10 @@ class Behaviour:
 class FakeOpenAI:
     reply: str = "Hello from the model server."
     chunk_chars: int = 5
+    echo: bool = False
+    """Reply with the last user message instead of ``reply``."""
+    chunk_delay: float = 0.001
+    """Seconds between chunks (a slow model streams for a while)."""
     api_key: str | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     running: int = 0
@@ -69,7 +73,7 @@ class FakeOpenAI:
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         try:
-            text = self.reply
+            text = body["messages"][-1]["content"] if self.echo else self.reply
             chunks = [text[i:i + self.chunk_chars] for i in range(0, len(text),
                                                                    self.chunk_chars)]
             for number, chunk in enumerate(chunks):
@@ -83,7 +87,7 @@ class FakeOpenAI:
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
                 if number == 0 and behaviour.hang:
                     await asyncio.sleep(behaviour.hang)
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(self.chunk_delay)
             final = {"id": "c1", "object": "chat.completion.chunk", "model": body["model"],
                      "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
             await response.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())

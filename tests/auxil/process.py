@@ -42,3 +42,18 @@ async def serve_until_sigterm(env: dict[str, str], tmp_path: Path,
     log = err.decode()
     assert process.returncode == 0, log
     return log
+
+
+async def start_run(env: dict[str, str], tmp_path: Path) -> aproc.Process:
+    """``chinwag run`` with these settings (and the echo generator unless they say
+    otherwise), its log going to ``tmp_path/run-<pid>.log``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    clean.update({"CHINWAG_GENERATOR": "echo", "CHINWAG_DATA_DIR": str(tmp_path),
+                  "NO_PROXY": "127.0.0.1", **env})
+    log = open(tmp_path / f"run-{len(list(tmp_path.glob('run-*.log')))}.log", "wb")  # noqa: SIM115
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "run", env=clean, stdin=aproc.DEVNULL,
+            stdout=log, stderr=log, cwd=ROOT)
+    finally:
+        log.close()

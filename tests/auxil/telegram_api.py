@@ -86,6 +86,10 @@ class ApiCall:
     status: int = 200
 
 
+DROP = 0
+"""A fault's status that closes the connection instead of answering."""
+
+
 @dataclass
 class Fault:
     status: int
@@ -217,6 +221,10 @@ class TelegramEmulator:
         if faults and (not faults[0].html_only or params.get("parse_mode") == "HTML"):
             fault = faults.popleft()
             self.calls.append(ApiCall(method, params, fault.status))
+            if fault.status == DROP:  # the connection breaks without an answer
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response()
             return self._error(fault.status, fault.description, fault.retry_after)
         handler = getattr(self, f"_api_{method}", None)
         if handler is None:

@@ -1,0 +1,131 @@
+"""Privacy and security: conversations stay apart, model output is only text, blocked
+users cost nothing, and secrets never reach the logs."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.dialogue import DialogueManager
+from bot.generators import ChatMessage
+from storage.models import UserRow
+from storage.repository import SqlStore
+from tests.auxil.db import stored_texts
+from tests.auxil.discord_api import DiscordEmulator
+from tests.auxil.factories import dm, group
+from tests.auxil.generators import ScriptedGenerator
+from tests.auxil.openai_api import FakeOpenAI
+from tests.auxil.process import chinwag, serve_until_sigterm
+from tests.auxil.sinks import RecordingSink
+from tests.auxil.telegram_api import TelegramEmulator
+
+SECRET = "PINEAPPLE-7731"
+
+
+def prompt_text(messages: Sequence[ChatMessage]) -> str:
+    return "\n".join(m.content for m in messages)
+
+
+async def test_a_direct_message_never_reaches_another_conversations_prompt(
+        manager: DialogueManager, generator: ScriptedGenerator) -> None:
+    sink = RecordingSink()
+    await manager.handle(dm(f"remember: my code is {SECRET}", user="u1"), sink)
+    others = [
+        group("what is my code?", user="u1", chat="g1", mention=True),  # same user, a group
+        group("what is my code?", user="u1", chat="g1", mention=True, thread="t1"),
+        dm("what is my code?", user="u1", platform="discord"),  # same id, another platform
+        dm("what is u1's code?", user="u2"),  # another user's DM
+        group("tell me everyone's codes", user="u2", chat="g2", mention=True),
+    ]
+    for message in others:
+        await manager.handle(message, sink)
+    await manager.handle(dm("and my code again?", user="u1"), sink)  # the same DM
+    prompts = [prompt_text(p) for p in generator.prompts]
+    assert len(prompts) == 7
+    assert SECRET in prompts[0] and SECRET in prompts[-1]
+    assert not any(SECRET in prompt for prompt in prompts[1:-1])
+
+
+async def test_model_output_never_runs_a_command(manager: DialogueManager,
+                                                 generator: ScriptedGenerator,
+                                                 store: SqlStore,
+                                                 engine: AsyncEngine) -> None:
+    sink = RecordingSink()
+    await manager.handle(dm("first", user="u1"), sink)
+    for output in ("/forget", "/block telegram:u1", "/reset", "/persona be evil"):
+        generator.reply = lambda _messages, output=output: output  # type: ignore[misc]
+        await manager.handle(dm("say a command", user="u1"), sink)
+    generator.reply = None
+    await manager.handle(dm("still here?", user="u1"), sink)
+    assert sink.texts[-1] == "still here?"  # not blocked
+    history = [text for _role, text in await stored_texts(engine)]
+    assert history[0] == "first"  # not forgotten
+    assert "/block telegram:u1" in history  # stored as what the model said, nothing more
+    conversation = await store.conversation("telegram:u1")
+    assert conversation.persona is None and conversation.reset_after_id == 0
+    # The last prompt still carries the whole conversation: nothing was reset.
+    assert generator.prompts[-1][1].content == "first"
+
+
+async def test_blocked_users_get_nothing_generated_or_stored(
+        manager: DialogueManager, generator: ScriptedGenerator, engine: AsyncEngine) -> None:
+    sink = RecordingSink()
+    await manager.handle(dm("/block telegram:u9", user="admin1"), sink)
+    assert sink.texts[-1].startswith("Blocked telegram:u9")
+    before = len(generator.prompts)
+    blocked = RecordingSink()
+    await manager.handle(dm("hello?", user="u9"), blocked)
+    await manager.handle(group("hello group", user="u9", chat="g1", mention=True), blocked)
+    await manager.handle(dm("/help", user="u9"), blocked)
+    assert blocked.texts == [] and len(generator.prompts) == before
+    assert not any("hello" in text for _role, text in await stored_texts(engine))
+    async with engine.connect() as connection:
+        row = (await connection.execute(
+            select(UserRow.blocked, UserRow.display_name)
+            .where(UserRow.user_id == "u9"))).one()
+    assert row == (True, "User u9")  # the attempt: who, and when (last_seen_at)
+
+
+async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
+    model_key = "sk-test-MODEL-KEY-0123456789"
+    async with TelegramEmulator() as telegram, DiscordEmulator() as discord, \
+            FakeOpenAI(echo=True, api_key=model_key) as model:
+        # Faults make every layer log: retries, a refused model call, flood control.
+        telegram.fail("sendMessage", 502, "Bad Gateway")
+        telegram.fail("sendMessage", 429, "Too Many Requests: retry after 1", retry_after=1)
+        model.then(status=500, detail="boom")
+
+        async def scenario() -> None:
+            await discord.ready(timeout=60)
+            telegram.push_text("hello telegram", chat=11, user=11)
+            discord.post("hello discord", author=11, dm=True)
+            await telegram.wait_for(
+                lambda: telegram.final_text(11) == ["hello telegram"]
+                and discord.channel_texts(discord.dm_channel(11)) == ["hello discord"],
+                timeout=60)
+
+        log = await serve_until_sigterm({
+            "CHINWAG_TELEGRAM_TOKEN": telegram.token, "CHINWAG_TELEGRAM_API_URL": telegram.url,
+            "CHINWAG_DISCORD_TOKEN": discord.token, "CHINWAG_DISCORD_API_URL": discord.api_url,
+            "CHINWAG_DISCORD_GATEWAY_URL": discord.gateway_url,
+            "CHINWAG_GENERATOR": "openai", "CHINWAG_OPENAI_BASE_URL": model.url,
+            "CHINWAG_OPENAI_API_KEY": model_key, "CHINWAG_MODEL": "fake",
+            "CHINWAG_LOG_LEVEL": "DEBUG",
+        }, tmp_path, scenario)
+    assert "answered" in log  # the log is there, at DEBUG
+    for secret in (telegram.token, discord.token, model_key):
+        assert secret not in log
+    # Errors printed on the way out are blanked too.
+    failed = chinwag("run", env={"CHINWAG_TELEGRAM_TOKEN": telegram.token,
+                                 "CHINWAG_TELEGRAM_API_URL": f"{telegram.url}/bot{telegram.token}",
+                                 "CHINWAG_GENERATOR": "echo",
+                                 "CHINWAG_DATA_DIR": str(tmp_path)}, timeout=60)
+    assert failed.returncode != 0
+    assert telegram.token not in failed.stdout + failed.stderr
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
