@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,13 +45,17 @@ async def serve_until_sigterm(env: dict[str, str], tmp_path: Path,
     return log
 
 
+def _run_log(tmp_path: Path) -> IO[bytes]:
+    return open(tmp_path / f"run-{len(list(tmp_path.glob('run-*.log')))}.log", "wb")
+
+
 async def start_run(env: dict[str, str], tmp_path: Path) -> aproc.Process:
     """``chinwag run`` with these settings (and the echo generator unless they say
-    otherwise), its log going to ``tmp_path/run-<pid>.log``."""
+    otherwise), its log going to ``tmp_path/run-<n>.log``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
     clean.update({"CHINWAG_GENERATOR": "echo", "CHINWAG_DATA_DIR": str(tmp_path),
                   "NO_PROXY": "127.0.0.1", **env})
-    log = open(tmp_path / f"run-{len(list(tmp_path.glob('run-*.log')))}.log", "wb")  # noqa: SIM115
+    log = _run_log(tmp_path)
     try:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bot", "run", env=clean, stdin=aproc.DEVNULL,
