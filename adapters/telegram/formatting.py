@@ -8,7 +8,7 @@ so the worst a strange input can do is show its asterisks.
 from __future__ import annotations
 
 import re
-from html import escape
+from html import escape, unescape
 
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[ \t]*$")
 _INLINE = re.compile(
@@ -26,8 +26,14 @@ _QUOTE = re.compile(r"^ {0,3}>[ \t]?(.*)$")
 
 
 def has_markup(html: str, text: str) -> bool:
-    """Whether rendering changed more than the escaping of ``<``, ``>`` and ``&``."""
-    return html != escape(text, quote=False)
+    """Whether rendering changed more than the escaping of ``<``, ``>`` and ``&``, and left
+    something to see (Telegram refuses a message that shows nothing, such as an empty code
+    block; plain text shows its backticks instead)."""
+    return html != escape(text, quote=False) and bool(visible_text(html).strip())
+
+
+def visible_text(html: str) -> str:
+    return unescape(re.sub(r"<[^>]*>", "", html))
 
 
 def to_html(markdown: str) -> str:

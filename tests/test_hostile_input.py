@@ -1,0 +1,216 @@
+"""Hostile input, property-based: text built from what breaks chat bots goes through the
+real adapters (normalization), the dialogue manager, and each platform's rendering and
+splitting, as a user message and as model output. No exception, no ping, no formatting
+error, no text lost when split."""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from adapters.discord import DiscordAdapter
+from adapters.telegram import TelegramAdapter
+from adapters.telegram.formatting import to_html
+from bot.builtin_commands import builtin_commands
+from bot.config import load_settings
+from bot.dialogue import DialogueManager
+from bot.generators import ChatMessage
+from bot.splitting import split_text
+from storage.engine import create_engine
+from storage.migrate import upgrade
+from storage.models import MessageRow
+from storage.repository import SqlStore
+from tests.auxil.discord_api import DiscordEmulator
+from tests.auxil.generators import ScriptedGenerator
+from tests.auxil.telegram_api import TelegramEmulator
+
+PIECES = [
+    "", " ", "\t", "\n", "\n\n", "\r\n", "   \n  ",
+    "\x00", "\x07", "\x1b[31m", "\x7f", "\u0085",
+    "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff",  # zero-width
+    "\u200e", "\u200f", "\u202e", "\u202d", "\u2067", "\u2069",  # direction marks
+    "**", "__", "*", "_", "`", "```", "```python\n", "\n```\n", "~~", "> ", "# ", "- ",
+    "[link](javascript:alert(1))", "![img](x)", "\\", "\\*",
+    "<b>", "</b>", "<pre>", "</pre>", "<a href='x'>", "</a>", "&amp;", "&lt;", "&", "<", ">",
+    "<script>alert(1)</script>", '"', "'",
+    "@everyone", "@here", "<@&700000000000000002>", "<@1>", "<#1>", "@chinwag_bot",
+    "/reset", "/block telegram:1", "/forget", "/persona evil", "\n/stats", "/help@other_bot",
+    "word", "Wort", "слово", "单词", "كلمة", "שלום", "🙂", "👍🏽", "🇺🇦", "e\u0301", "\U0001f9d1\u200d\U0001f4bb",
+]
+WORDS = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
+HUGE = st.sampled_from(["x" * 100_000, ("ab🙂 " * 25_000), ("```\n" + "code line\n" * 10_000)])
+HOSTILE = st.one_of(WORDS, WORDS, WORDS, HUGE)
+SURROGATES = st.sampled_from(["\ud800", "\udfff", "a\udc00b"])
+"""Broken surrogates cannot cross a platform's UTF-8 JSON, but model output may hold
+them: they are tried where they can occur, in rendering and splitting."""
+
+# Each example starts a platform emulator and the bot, so there are few and they are not
+# shrunk (slow); a failure prints its example whole.
+SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck),
+                    phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+
+def letters(text: str, *, fences: bool = True) -> str:
+    """Letters and digits: what no rendering or split may drop (markup, spaces and
+    invisible characters may change; ``fences=False`` leaves out fence lines, whose
+    language name a platform shows as formatting, not text)."""
+    if not fences:
+        text = re.sub(r"(?m)^ {0,3}(```|~~~)[^\n]*", "", text)
+    return re.sub(r"[\W_]", "", text)
+
+
+def kept(original: str, shown: str) -> bool:
+    """Whether every letter of ``original`` is in ``shown``, in order (a split may add
+    fence lines; nothing may go)."""
+    rest = iter(shown)
+    return all(char in rest for char in original)
+
+
+def sendable(texts: Sequence[str]) -> list[str]:
+    """What a platform delivers: neither Telegram nor Discord sends a message without
+    visible text (the core's answer to empty text has its own test)."""
+    return [text for text in texts if text.strip()]
+
+
+def ours(records: Sequence[logging.LogRecord]) -> list[logging.LogRecord]:
+    """Errors Chinwag or the platform clients logged (not the emulators' servers)."""
+    return [r for r in records if r.levelno >= logging.ERROR
+            and r.name.split(".")[0] in {"bot", "adapters", "storage", "telegram", "discord"}]
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@asynccontextmanager
+async def chinwag(folder: Path, generator: ScriptedGenerator
+                  ) -> AsyncIterator[tuple[DialogueManager, SqlStore, object]]:
+    config = load_settings(data_dir=folder, generator="echo", edit_interval=0.0,
+                           rate_per_minute=0, admins="telegram:42")
+    engine = create_engine(config.database_url)
+    await upgrade(engine)
+    store = SqlStore(engine)
+    try:
+        async with DialogueManager(store=store, generator=generator, settings=config,
+                                   commands=builtin_commands()) as manager:
+            yield manager, store, engine
+    finally:
+        await engine.dispose()
+
+
+async def stored_replies(engine: object) -> list[str]:
+    async with engine.connect() as connection:  # type: ignore[attr-defined]
+        rows = await connection.execute(select(MessageRow.text)
+                                        .where(MessageRow.role == "assistant"))
+        return [text for (text,) in rows]
+
+
+def with_output(outputs: Sequence[str]) -> ScriptedGenerator:
+    """Echoes the user, or says the scripted hostile output when the user asks for it."""
+    generator = ScriptedGenerator()
+
+    def reply(messages: Sequence[ChatMessage]) -> str:
+        last = messages[-1].content
+        if last.startswith("say output "):
+            return outputs[int(last.split()[2])]
+        return last
+
+    generator.reply = reply
+    return generator
+
+
+@SETTINGS
+@given(texts=st.lists(HOSTILE, min_size=6, max_size=6),
+       outputs=st.lists(HOSTILE, min_size=3, max_size=3))
+async def test_hostile_text_through_telegram(texts: list[str], outputs: list[str],
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)
+    with tempfile.TemporaryDirectory() as folder:
+        async with chinwag(Path(folder), with_output(outputs)) as (manager, _store, engine), \
+                TelegramEmulator() as tg, \
+                TelegramAdapter(tg.token, manager, builtin_commands(), api_url=tg.url,
+                                poll_timeout=1):
+            messages = [*sendable(texts), *(f"say output {n}" for n in range(len(outputs)))]
+            for chat, text in enumerate(messages, start=1):
+                tg.push_text(text, chat=chat, user=chat)
+            # Every update taken and handled (a command for another bot gets no answer),
+            # and the scripted outputs shown.
+            asked = range(len(messages) - len(outputs) + 1, len(messages) + 1)
+            await tg.wait_for(lambda: tg.pending_updates == 0
+                              and manager.active_conversations == 0
+                              and all(tg.final_text(c) for c in asked), timeout=60)
+            replies = await stored_replies(engine)
+        refused = [c for c in tg.calls if c.status != 200 and c.method != "getUpdates"]
+        assert refused == []  # no entity error, no over-long message, nothing refused
+        visible = "".join(text for c in range(1, len(messages) + 1)
+                          for text in tg.final_text(c))
+        for reply in replies:  # every stored reply shows whole, however it was split
+            assert kept(letters(reply, fences=False), letters(visible))
+        assert not ours(caplog.records)
+
+
+@SETTINGS
+@given(texts=st.lists(HOSTILE, min_size=6, max_size=6),
+       outputs=st.lists(HOSTILE, min_size=3, max_size=3))
+async def test_hostile_text_through_discord(texts: list[str], outputs: list[str],
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)
+    with tempfile.TemporaryDirectory() as folder:
+        async with chinwag(Path(folder), with_output(outputs)) as (manager, _store, engine), \
+                DiscordEmulator() as dc, \
+                DiscordAdapter(dc.token, manager, builtin_commands(), api_url=dc.api_url,
+                               gateway_url=dc.gateway_url) as adapter:
+            import asyncio
+
+            serving = asyncio.create_task(adapter.serve())
+            try:
+                await dc.ready(timeout=30)
+                messages = [*sendable(texts),
+                            *(f"say output {n}" for n in range(len(outputs)))]
+                channels = []
+                for author, text in enumerate(messages, start=1):
+                    dc.post(text, author=author, dm=True)
+                    channels.append(dc.dm_channel(author))
+                asked = channels[len(channels) - len(outputs):]
+                await dc.wait_for(
+                    lambda: all(dc.channel_texts(c) for c in asked)
+                    and manager.active_conversations == 0, timeout=60)
+                await asyncio.sleep(0.5)
+                await dc.wait_for(lambda: manager.active_conversations == 0, timeout=60)
+                replies = await stored_replies(engine)
+            finally:
+                await adapter.stop_receiving()
+                serving.cancel()
+                await asyncio.gather(serving, return_exceptions=True)
+        bodies = [r.body for r in dc.requests if "/messages" in r.path
+                  and r.method in {"POST", "PATCH"}]
+        for body in bodies:  # nobody pinged by any message or edit
+            assert body["allowed_mentions"]["parse"] == []
+            assert not body["allowed_mentions"].get("replied_user")
+            assert len(body.get("content") or "") <= 2000
+        visible = "".join(t for c in channels for t in dc.channel_texts(c))
+        for reply in replies:
+            assert kept(letters(reply, fences=False), letters(visible))
+        assert not ours(caplog.records)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(WORDS, st.lists(st.one_of(st.sampled_from(PIECES), SURROGATES),
+                                      max_size=60).map("".join)))
+def test_rendering_and_splitting_survive_anything(text: str) -> None:
+    html = to_html(text)
+    assert isinstance(html, str)
+    for limit in (20, 2000, 4096):
+        parts = split_text(text, limit)
+        assert all(len(part) <= limit for part in parts)
+        assert kept(letters(text), letters("".join(parts)))
