@@ -44,7 +44,8 @@ PIECES = [
     "<script>alert(1)</script>", '"', "'",
     "@everyone", "@here", "<@&700000000000000002>", "<@1>", "<#1>", "@chinwag_bot",
     "/reset", "/block telegram:1", "/forget", "/persona evil", "\n/stats", "/help@other_bot",
-    "word", "Wort", "слово", "单词", "كلمة", "שלום", "🙂", "👍🏽", "🇺🇦", "e\u0301", "\U0001f9d1\u200d\U0001f4bb",
+    "word", "Wort", "слово", "单词", "كلمة", "שלום", "🙂", "👍🏽", "🇺🇦", "e\u0301",
+    "\U0001f9d1\u200d\U0001f4bb",
 ]
 WORDS = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
 HUGE = st.sampled_from(["x" * 100_000, ("ab🙂 " * 25_000), ("```\n" + "code line\n" * 10_000)])
