@@ -6,8 +6,8 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
-from datetime import UTC, date, datetime
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import and_, delete, func, not_, select, update
@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
+_NO_WAIT: AbstractAsyncContextManager[None] = nullcontext()
 STATS_LATENCY_SAMPLE = 1000
+LAST_SEEN_PRECISION = timedelta(minutes=10)
 RETRY_DELAYS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
 """Waits between tries of a call the database refused for a passing reason (SQLite locked
 by another writer, PostgreSQL restarting): about 11 s in all, then the error goes up."""
@@ -126,18 +128,24 @@ def _not_answering_before(after_id: int) -> ColumnElement[bool]:
 class SqlStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._writer = asyncio.Lock() if engine.dialect.name == "sqlite" else None
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncSession]:
-        try:
-            async with self._sessions() as session, session.begin():
-                yield session
-        except (SQLAlchemyError, OSError) as exc:
-            raise StorageError(f"database error: {exc.__class__.__name__}: {exc}") from exc
-        except Exception as exc:
-            if not _transient(exc):
-                raise
-            raise StorageError(f"database unreachable: {exc.__class__.__name__}") from exc
+    async def _transaction(self, *, write: bool = False) -> AsyncIterator[AsyncSession]:
+        """One transaction. On SQLite, writers take turns here: SQLite admits one writer at
+        a time and makes the others sleep and poll for the lock, which under load costs far
+        more than waiting in line (readers never wait, thanks to WAL)."""
+        async with self._writer if write and self._writer is not None else _NO_WAIT:
+            try:
+                async with self._sessions() as session, session.begin():
+                    yield session
+            except (SQLAlchemyError, OSError) as exc:
+                raise StorageError(f"database error: {exc.__class__.__name__}: {exc}") \
+                    from exc
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                raise StorageError(f"database unreachable: {exc.__class__.__name__}") from exc
 
     @_retrying
     async def conversation(self, key: str) -> Conversation:
@@ -148,7 +156,7 @@ class SqlStore:
         platform, _, rest = key.partition(":")
         chat_id, _, thread_id = rest.partition(":")
         try:
-            async with self._transaction() as session:
+            async with self._transaction(write=True) as session:
                 row = ConversationRow(
                     key=key, platform=platform, chat_id=chat_id, thread_id=thread_id or None,
                     reset_after_id=0, answer_all=False,
@@ -172,14 +180,23 @@ class SqlStore:
 
     @_retrying
     async def set_answer_all(self, conversation_id: int, answer_all: bool) -> None:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             await session.execute(update(ConversationRow)
                                   .where(ConversationRow.id == conversation_id)
                                   .values(answer_all=answer_all))
 
     @_retrying
     async def touch_user(self, platform: str, user_id: str, display_name: str) -> bool:
+        # Most messages come from a user seen moments ago under the same name: a read is
+        # enough, and the write (one per message otherwise) is saved.
         async with self._transaction() as session:
+            known = (await session.execute(
+                select(UserRow.blocked, UserRow.display_name, UserRow.last_seen_at)
+                .where(UserRow.platform == platform, UserRow.user_id == user_id))).first()
+        if known is not None and known.display_name == display_name[:255] \
+                and datetime.now(UTC) - known.last_seen_at < LAST_SEEN_PRECISION:
+            return bool(known.blocked)
+        async with self._transaction(write=True) as session:
             row = await session.scalar(
                 select(UserRow).where(UserRow.platform == platform, UserRow.user_id == user_id)
             )
@@ -204,7 +221,7 @@ class SqlStore:
             return await self._add_user_message(message)
 
     async def _add_user_message(self, message: NewUserMessage) -> Admission:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             seen = await session.scalar(
                 select(MessageRow)
                 .join(PlatformMessageRow, PlatformMessageRow.message_id == MessageRow.id)
@@ -246,7 +263,7 @@ class SqlStore:
 
     @_retrying
     async def add_reply(self, reply: NewReply) -> StoredMessage:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             row = MessageRow(
                 conversation_id=reply.conversation_id,
                 role=Role.ASSISTANT.value,
@@ -326,13 +343,13 @@ class SqlStore:
 
     @_retrying
     async def mark_failed(self, message_id: int) -> None:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             await session.execute(update(MessageRow).where(MessageRow.id == message_id)
                                   .values(state=State.FAILED.value))
 
     @_retrying
     async def set_reply_draft(self, message_id: int, platform_message_id: str) -> None:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             await session.execute(update(MessageRow).where(MessageRow.id == message_id)
                                   .values(reply_draft_id=platform_message_id))
 
@@ -363,7 +380,7 @@ class SqlStore:
 
     @_retrying
     async def reset(self, conversation_id: int) -> None:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             newest = await session.scalar(
                 select(func.max(MessageRow.id)).where(MessageRow.conversation_id == conversation_id)
             )
@@ -375,7 +392,7 @@ class SqlStore:
 
     @_retrying
     async def set_persona(self, conversation_id: int, persona: str | None) -> None:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             await session.execute(update(ConversationRow)
                                   .where(ConversationRow.id == conversation_id)
                                   .values(persona=persona))
@@ -383,7 +400,7 @@ class SqlStore:
     @_retrying
     async def set_generation(self, conversation_id: int, temperature: float | None,
                              max_reply_tokens: int | None) -> None:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             await session.execute(update(ConversationRow)
                                   .where(ConversationRow.id == conversation_id)
                                   .values(temperature=temperature,
@@ -391,7 +408,7 @@ class SqlStore:
 
     @_retrying
     async def forget_user(self, platform: str, user_id: str) -> int:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             result = await session.execute(
                 delete(MessageRow).where(MessageRow.platform == platform,
                                          MessageRow.author_id == user_id)
@@ -406,7 +423,7 @@ class SqlStore:
 
     @_retrying
     async def set_blocked(self, platform: str, user_id: str, blocked: bool) -> None:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             row = await session.scalar(
                 select(UserRow).where(UserRow.platform == platform, UserRow.user_id == user_id)
             )
@@ -460,7 +477,7 @@ class SqlStore:
 
     @_retrying
     async def delete_older_than(self, cutoff: datetime) -> int:
-        async with self._transaction() as session:
+        async with self._transaction(write=True) as session:
             result = await session.execute(delete(MessageRow)
                                            .where(MessageRow.created_at < cutoff))
             await session.execute(delete(UsageRow).where(UsageRow.day < cutoff.date()))

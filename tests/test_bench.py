@@ -1,5 +1,6 @@
 """The benchmarks keep running: a short smoke run of each (figures are not asserted here)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,15 @@ def test_gpu_bench_runs_on_the_cpu_when_asked() -> None:
     lines = result.stdout.strip().splitlines()
     assert any(line.startswith("chinwag ") for line in lines)
     assert lines[-1].startswith("N=4 chinwag=") and " x_transformers_cb=" in lines[-1]
+
+
+def test_load_bench_loses_nothing_in_a_small_run() -> None:
+    env = {**os.environ, "NO_PROXY": "127.0.0.1"}
+    env = {k: v for k, v in env.items() if not k.startswith("CHINWAG_")}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"),
+                             "--conversations", "10", "--messages", "3"],
+                            capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("load: messages=30 ")
+    assert " lost=0 " in last and " order_kept=True " in last

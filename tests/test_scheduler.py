@@ -144,3 +144,44 @@ async def test_worker_processes_give_the_same_greedy_replies(
                 break
             await asyncio.sleep(0.01)
         assert not pool._emits  # type: ignore[union-attr]
+
+
+class _RunsOutOfMemory:
+    """The model, except that its next forward pass fails as CUDA does when memory runs out."""
+
+    def __init__(self, model: object) -> None:
+        self._model = model
+        self.failed = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._model, name)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        if not self.failed:
+            import torch
+
+            self.failed = True
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self._model(*args, **kwargs)  # type: ignore[operator]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_out_of_memory_fails_the_batch_clearly_and_the_next_request_works(
+        model: TransformersGenerator) -> None:
+    from bot.errors import GenerationError
+
+    scheduler = model.scheduler
+    assert scheduler is not None and hasattr(scheduler, "_model")
+    real = scheduler._model  # type: ignore[union-attr]
+    faulty = _RunsOutOfMemory(real)
+    scheduler._model = faulty  # type: ignore[union-attr]
+    try:
+        with pytest.raises(GenerationError, match="ran out of memory"):
+            async for _piece in model.stream(ask(QUESTIONS[0]), greedy(8)):
+                pass
+    finally:
+        scheduler._model = real  # type: ignore[union-attr]
+    assert faulty.failed
+    pieces = [piece async for piece in model.stream(ask(QUESTIONS[3]), greedy(8))]
+    assert "".join(pieces).strip()
+    assert not scheduler._rows and scheduler._count == 0  # type: ignore[union-attr]
