@@ -218,6 +218,17 @@ async def test_admin_commands_are_refused_to_members_ephemerally(
     assert answer["content"] == f"Sorry, /{command} is for admins only."
 
 
+@pytest.mark.parametrize("command", [c.name for c in ADMIN_COMMANDS])
+async def test_an_admins_name_does_not_make_an_admin(dc: DiscordEmulator,
+                                                    command: str) -> None:
+    dc.names[7] = str(ADMIN)  # username and global name: the admin's id
+    options = {"user": "123"} if command in {"block", "unblock"} else {}
+    token = dc.interact(command, options, author=7)
+    await dc.wait_for(lambda: len(dc.interaction_replies[token]) >= 2)
+    assert dc.interaction_replies[token][1]["content"] == \
+        f"Sorry, /{command} is for admins only."
+
+
 ACCEPTED = {
     "persona": ({"text": "Speak like a pirate."}, "Persona set"),
     "settings": ({"name": "temperature", "value": "0.3"}, "temperature"),

@@ -45,6 +45,8 @@ class Fault:
 @dataclass
 class DiscordEmulator:
     token: str = "discord-test-token"
+    names: dict[int, str] = field(default_factory=dict)
+    """Display names users chose (default ``user<id>``)."""
     refuse_message_content: bool = False
     requests: list[Request] = field(default_factory=list)
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -124,7 +126,7 @@ class DiscordEmulator:
              kind: int = 0, mention_roles: list[str] | None = None) -> str:
         """A user's message arrives over the gateway; returns its id."""
         message_id = str(next(self._ids))
-        who = user(author)
+        who = user(author, self.names.get(author))
         if bot_author:
             who = BOT_USER if author == 0 else {**who, "bot": True}
         channel_id = f"dm{author}" if dm else channel
@@ -159,7 +161,7 @@ class DiscordEmulator:
                  channel: str = CHANNEL, dm: bool = False) -> str:
         """A slash command arrives; returns the interaction token."""
         token = f"itoken{next(self._ids)}"
-        who = user(author)
+        who = user(author, self.names.get(author))
         data: dict[str, Any] = {
             "id": str(next(self._ids)), "application_id": APP_ID, "type": 2, "token": token,
             "version": 1, "locale": "en-US", "entitlements": [],
