@@ -34,6 +34,7 @@ from bot.store import (
     StoredMessage,
 )
 from storage.models import ConversationRow, MessageRow, PlatformMessageRow, UsageRow, UserRow
+from storage.writer_turns import NORMAL, URGENT, WriterTurns
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +129,16 @@ def _not_answering_before(after_id: int) -> ColumnElement[bool]:
 class SqlStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-        self._writer = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        self._writers = WriterTurns() if engine.dialect.name == "sqlite" else None
 
     @asynccontextmanager
-    async def _transaction(self, *, write: bool = False) -> AsyncIterator[AsyncSession]:
-        """One transaction. On SQLite, writers take turns here: SQLite admits one writer at
-        a time and makes the others sleep and poll for the lock, which under load costs far
-        more than waiting in line (readers never wait, thanks to WAL)."""
-        async with self._writer if write and self._writer is not None else _NO_WAIT:
+    async def _transaction(self, *, write: bool = False,
+                           urgent: bool = False) -> AsyncIterator[AsyncSession]:
+        """One transaction. On SQLite, writers take turns (``storage.writer_turns``);
+        readers never wait, thanks to WAL. ``urgent``: storing a message just arrived."""
+        turn = self._writers.turn(URGENT if urgent else NORMAL) \
+            if write and self._writers is not None else _NO_WAIT
+        async with turn:
             try:
                 async with self._sessions() as session, session.begin():
                     yield session
@@ -156,7 +159,7 @@ class SqlStore:
         platform, _, rest = key.partition(":")
         chat_id, _, thread_id = rest.partition(":")
         try:
-            async with self._transaction(write=True) as session:
+            async with self._transaction(write=True, urgent=True) as session:
                 row = ConversationRow(
                     key=key, platform=platform, chat_id=chat_id, thread_id=thread_id or None,
                     reset_after_id=0, answer_all=False,
@@ -196,7 +199,7 @@ class SqlStore:
         if known is not None and known.display_name == display_name[:255] \
                 and datetime.now(UTC) - known.last_seen_at < LAST_SEEN_PRECISION:
             return bool(known.blocked)
-        async with self._transaction(write=True) as session:
+        async with self._transaction(write=True, urgent=True) as session:
             row = await session.scalar(
                 select(UserRow).where(UserRow.platform == platform, UserRow.user_id == user_id)
             )
@@ -221,7 +224,7 @@ class SqlStore:
             return await self._add_user_message(message)
 
     async def _add_user_message(self, message: NewUserMessage) -> Admission:
-        async with self._transaction(write=True) as session:
+        async with self._transaction(write=True, urgent=True) as session:
             seen = await session.scalar(
                 select(MessageRow)
                 .join(PlatformMessageRow, PlatformMessageRow.message_id == MessageRow.id)
