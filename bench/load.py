@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import resource
 import sys
@@ -35,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from adapters.discord import DiscordAdapter
 from adapters.telegram import TelegramAdapter
@@ -48,6 +49,7 @@ from storage.migrate import upgrade
 from storage.models import MessageRow
 from storage.repository import SqlStore
 from tests.auxil.discord_api import DiscordEmulator
+from tests.auxil.loopback import wait_until
 from tests.auxil.telegram_api import TelegramEmulator
 
 IN_FLIGHT = 2
@@ -160,7 +162,8 @@ def peak_rss_mb() -> float:
 
 
 async def run(conversations: int, messages: int, database_url: str | None,
-              folder: Path, *, in_flight: int = IN_FLIGHT, label: str = "load") -> int:
+              folder: Path, *, in_flight: int = IN_FLIGHT, label: str = "load",
+              first_number: int = 1, timeout: float = 600) -> int:
     settings = load_settings(data_dir=folder, generator="echo", rate_per_minute=0,
                              **({"database_url": database_url} if database_url else {}))
     engine = create_engine(settings.database_url)
@@ -177,7 +180,7 @@ async def run(conversations: int, messages: int, database_url: str | None,
         serving = [asyncio.create_task(discord.serve())]
         await dc.ready(timeout=60)
         table: dict[tuple[str, str], Conversation] = {}
-        for n in range(1, conversations + 1):
+        for n in range(first_number, first_number + conversations):
             platform = "telegram" if n % 2 else "discord"
             texts = [f"{platform} conversation {n} message {k} of {messages}"
                      for k in range(1, messages + 1)]
@@ -191,10 +194,22 @@ async def run(conversations: int, messages: int, database_url: str | None,
             for _ in range(min(in_flight, messages)):
                 observer.send_next(conversation)
         try:
-            await asyncio.wait_for(observer.finished.wait(), timeout=max(120, conversations))
+            await asyncio.wait_for(observer.finished.wait(), timeout=timeout)
         except TimeoutError:
-            print(f"timed out with {observer.remaining} replies missing", file=sys.stderr)
+            stuck = [(c.platform, c.number, c.expected[0]) for c in table.values()
+                     if c.expected][:5]
+            print(f"timed out with {observer.remaining} replies missing, e.g. {stuck}; "
+                  f"{manager.active_conversations} conversations busy, "
+                  f"{tg.pending_updates} Telegram updates unconfirmed", file=sys.stderr)
+            for task in list(asyncio.all_tasks())[:8]:
+                task.print_stack(limit=6, file=sys.stderr)
         elapsed = time.perf_counter() - started
+        # The last replies are shown before they are stored: let the stores finish, then
+        # every conversation's state must be gone (memory holds only work in progress).
+        drained = time.perf_counter()
+        with contextlib.suppress(AssertionError):  # reported as lanes_after below
+            await wait_until(lambda: manager.active_conversations == 0, 60, str)
+        drain_s = time.perf_counter() - drained
         await asyncio.sleep(1.0)  # anything arriving late would be a duplicate
         idle_lanes = manager.active_conversations
         await discord.stop_receiving()
@@ -202,19 +217,20 @@ async def run(conversations: int, messages: int, database_url: str | None,
             task.cancel()
         await asyncio.gather(*serving, return_exceptions=True)
 
+    every = [t for c in table.values() for t in c.texts]
     async with engine.connect() as connection:
         user_texts = Counter((await connection.execute(
-            select(MessageRow.text).where(MessageRow.role == "user"))).scalars().all())
-        replies = (await connection.execute(
-            select(func.count()).select_from(MessageRow)
-            .where(MessageRow.role == "assistant"))).scalar() or 0
-        answered_once = (await connection.execute(
-            select(func.count(func.distinct(MessageRow.reply_to_id)))
-            .where(MessageRow.role == "assistant"))).scalar() or 0
+            select(MessageRow.text).where(MessageRow.role == "user",
+                                          MessageRow.text.in_(every)))).scalars().all())
+        # The echo generator's reply to a message is its text: one reply per question.
+        reply_texts = Counter((await connection.execute(
+            select(MessageRow.text).where(MessageRow.role == "assistant",
+                                          MessageRow.text.in_(every)))).scalars().all())
     await engine.dispose()
+    replies = sum(reply_texts.values())
+    answered_once = sum(1 for t in every if reply_texts[t] == 1)
 
     total = conversations * messages
-    every = [t for c in table.values() for t in c.texts]
     lost = sum(1 for t in every if user_texts[t] == 0) + observer.remaining
     stored_twice = sum(1 for t in every if user_texts[t] > 1)
     order_kept = all(c.answered == c.texts for c in table.values())
@@ -233,9 +249,9 @@ async def run(conversations: int, messages: int, database_url: str | None,
           f"lost={lost} stored_twice={stored_twice} duplicates={observer.duplicates} "
           f"out_of_order={observer.out_of_order} replies_stored={replies} "
           f"answered_once={answered_once} order_kept={order_kept} "
-          f"lanes_after={idle_lanes} backend={engine.dialect.name}")
+          f"lanes_after={idle_lanes} drain_s={drain_s:.1f} backend={engine.dialect.name}")
     ok = (lost == 0 and stored_twice == 0 and observer.duplicates == 0 and order_kept
-          and replies == total and answered_once == total)
+          and replies == total and answered_once == total and idle_lanes == 0)
     return 0 if ok else 1
 
 
@@ -243,6 +259,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds to wait for every reply")
     parser.add_argument("--database-url", default=None,
                         help="default: a new SQLite file in a temporary folder")
     args = parser.parse_args()
@@ -252,11 +270,14 @@ def main() -> int:
     # First a light load (a few conversations, one message at a time: the latency of one
     # message with nothing queued before it), then the full load, side by side.
     status = 0
-    for label, conversations, in_flight in (("light", LIGHT_CONVERSATIONS, 1),
-                                            ("load", args.conversations, IN_FLIGHT)):
+    # The phases use different chats, so they can share a --database-url.
+    for label, conversations, in_flight, first in (
+            ("light", LIGHT_CONVERSATIONS, 1, 1_000_001),
+            ("load", args.conversations, IN_FLIGHT, 1)):
         with tempfile.TemporaryDirectory() as folder:
             status |= asyncio.run(run(conversations, args.messages, args.database_url,
-                                      Path(folder), in_flight=in_flight, label=label))
+                                      Path(folder), in_flight=in_flight, label=label,
+                                      first_number=first, timeout=args.timeout))
     return status
 
 

@@ -48,7 +48,10 @@ def create_engine(url: str, *, sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT
         if parsed.get_backend_name() == "sqlite":
             engine = create_async_engine(parsed)
         else:
-            engine = create_async_engine(parsed, pool_pre_ping=True)
+            # More connections than SQLAlchemy's default 5 + 10: under a burst every
+            # conversation's intake and answer want one (PostgreSQL allows 100).
+            engine = create_async_engine(parsed, pool_pre_ping=True, pool_size=10,
+                                         max_overflow=20)
     except (ArgumentError, ImportError) as exc:
         raise ConfigError(f"CHINWAG_DATABASE_URL cannot be used: {exc}") from None
     if engine.dialect.name == "sqlite":

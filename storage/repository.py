@@ -18,6 +18,7 @@ from sqlalchemy.exc import (
     OperationalError,
     SQLAlchemyError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -59,8 +60,8 @@ def _transient(exc: BaseException | None) -> bool:
         return False
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    if isinstance(exc, OperationalError | InterfaceError | OSError):
-        return True
+    if isinstance(exc, OperationalError | InterfaceError | OSError | PoolTimeout):
+        return True  # PoolTimeout: every pooled connection busy (a burst of load)
     # asyncpg's own errors (server starting up or shutting down) pass unwrapped on connect.
     return type(exc).__name__ in ASYNCPG_TRANSIENT
 

@@ -112,3 +112,23 @@ async def test_postgres_down_too_long_tells_the_user(
     assert sink.texts[-1] == "back again"
     assert await stored_texts(pg_engine) == [("user", "back again"),
                                              ("assistant", "back again")]
+
+
+async def test_every_pooled_connection_busy_is_waited_out(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(settings.database_url, pool_size=1, max_overflow=0,
+                                 pool_timeout=0.1)
+    await upgrade(engine)
+    store = SqlStore(engine)
+    caplog.set_level(logging.WARNING, logger="storage.repository")
+    async with engine.connect():  # a burst holds the only connection for a while
+        waiting = asyncio.ensure_future(store.conversation("telegram:busy"))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+    conversation = await asyncio.wait_for(waiting, 10)
+    assert conversation.key == "telegram:busy"
+    assert any("(TimeoutError)" in r.getMessage() for r in caplog.records)
+    await engine.dispose()
