@@ -5,6 +5,7 @@ error, no text lost when split."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import tempfile
@@ -130,9 +131,26 @@ def with_output(outputs: Sequence[str]) -> ScriptedGenerator:
     return generator
 
 
+EXAMPLES = given(texts=st.lists(HOSTILE, min_size=6, max_size=6),
+                 outputs=st.lists(HOSTILE, min_size=3, max_size=3))
+"""Six hostile user texts and three hostile model outputs per example."""
+
+
+def conversation_texts(texts: Sequence[str], outputs: Sequence[str]) -> list[str]:
+    """One message per conversation: the texts a platform delivers, then one asking for each
+    scripted output."""
+    return [*sendable(texts), *(f"say output {n}" for n in range(len(outputs)))]
+
+
+def assert_whole_and_quiet(replies: Sequence[str], visible: str,
+                           records: Sequence[logging.LogRecord]) -> None:
+    for reply in replies:  # every stored reply shows whole, however it was split
+        assert kept(letters(reply, fences=False), letters(visible))
+    assert not ours(records)
+
+
 @SETTINGS
-@given(texts=st.lists(HOSTILE, min_size=6, max_size=6),
-       outputs=st.lists(HOSTILE, min_size=3, max_size=3))
+@EXAMPLES
 async def test_hostile_text_through_telegram(texts: list[str], outputs: list[str],
                                              caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)
@@ -141,7 +159,7 @@ async def test_hostile_text_through_telegram(texts: list[str], outputs: list[str
                 TelegramEmulator() as tg, \
                 TelegramAdapter(tg.token, manager, builtin_commands(), api_url=tg.url,
                                 poll_timeout=1):
-            messages = [*sendable(texts), *(f"say output {n}" for n in range(len(outputs)))]
+            messages = conversation_texts(texts, outputs)
             for chat, text in enumerate(messages, start=1):
                 tg.push_text(text, chat=chat, user=chat)
             # Every update taken and handled (a command for another bot gets no answer),
@@ -155,14 +173,11 @@ async def test_hostile_text_through_telegram(texts: list[str], outputs: list[str
         assert refused == []  # no entity error, no over-long message, nothing refused
         visible = "".join(text for c in range(1, len(messages) + 1)
                           for text in tg.final_text(c))
-        for reply in replies:  # every stored reply shows whole, however it was split
-            assert kept(letters(reply, fences=False), letters(visible))
-        assert not ours(caplog.records)
+        assert_whole_and_quiet(replies, visible, caplog.records)
 
 
 @SETTINGS
-@given(texts=st.lists(HOSTILE, min_size=6, max_size=6),
-       outputs=st.lists(HOSTILE, min_size=3, max_size=3))
+@EXAMPLES
 async def test_hostile_text_through_discord(texts: list[str], outputs: list[str],
                                             caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)
@@ -171,13 +186,10 @@ async def test_hostile_text_through_discord(texts: list[str], outputs: list[str]
                 DiscordEmulator() as dc, \
                 DiscordAdapter(dc.token, manager, builtin_commands(), api_url=dc.api_url,
                                gateway_url=dc.gateway_url) as adapter:
-            import asyncio
-
             serving = asyncio.create_task(adapter.serve())
             try:
                 await dc.ready(timeout=30)
-                messages = [*sendable(texts),
-                            *(f"say output {n}" for n in range(len(outputs)))]
+                messages = conversation_texts(texts, outputs)
                 channels = []
                 for author, text in enumerate(messages, start=1):
                     dc.post(text, author=author, dm=True)
@@ -200,9 +212,7 @@ async def test_hostile_text_through_discord(texts: list[str], outputs: list[str]
             assert not body["allowed_mentions"].get("replied_user")
             assert len(body.get("content") or "") <= 2000
         visible = "".join(t for c in channels for t in dc.channel_texts(c))
-        for reply in replies:
-            assert kept(letters(reply, fences=False), letters(visible))
-        assert not ours(caplog.records)
+        assert_whole_and_quiet(replies, visible, caplog.records)
 
 
 @settings(max_examples=300, deadline=None)
