@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import and_, delete, func, not_, select, update
-from sqlalchemy.exc import (
-    DBAPIError,
-    IntegrityError,
-    InterfaceError,
-    OperationalError,
-    SQLAlchemyError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -35,83 +25,15 @@ from bot.store import (
     StoredMessage,
 )
 from storage.models import ConversationRow, MessageRow, PlatformMessageRow, UsageRow, UserRow
+from storage.records import as_conversation, as_stored
+from storage.retries import retrying, transient
 from storage.writer_turns import NORMAL, URGENT, WriterTurns
 
 logger = logging.getLogger(__name__)
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
 _NO_WAIT: AbstractAsyncContextManager[None] = nullcontext()
 STATS_LATENCY_SAMPLE = 1000
 LAST_SEEN_PRECISION = timedelta(minutes=10)
-RETRY_DELAYS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
-"""Waits between tries of a call the database refused for a passing reason (SQLite locked
-by another writer, PostgreSQL restarting): about 11 s in all, then the error goes up."""
-
-ASYNCPG_TRANSIENT = frozenset({"CannotConnectNowError", "AdminShutdownError",
-                               "ConnectionDoesNotExistError", "ConnectionFailureError",
-                               "TooManyConnectionsError"})
-
-
-def _transient(exc: BaseException | None) -> bool:
-    """Whether trying again later may work: a lock, a lost or refused connection."""
-    if isinstance(exc, IntegrityError):
-        return False
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, OperationalError | InterfaceError | OSError | PoolTimeout):
-        return True  # PoolTimeout: every pooled connection busy (a burst of load)
-    # asyncpg's own errors (server starting up or shutting down) pass unwrapped on connect.
-    return type(exc).__name__ in ASYNCPG_TRANSIENT
-
-
-def _retrying(method: Callable[Concatenate[SqlStore, P], Coroutine[Any, Any, T]]
-              ) -> Callable[Concatenate[SqlStore, P], Coroutine[Any, Any, T]]:
-    """Runs a store call again, whole, after a passing database failure. Each call is one
-    transaction, so a failed try left nothing behind."""
-
-    async def call(self: SqlStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
-            try:
-                return await method(self, *args, **kwargs)
-            except StorageError as exc:
-                if delay is None or not _transient(exc.__cause__):
-                    raise
-                logger.warning("%s: database unavailable (%s); try %s again in %.1f s",
-                               method.__name__, exc.__cause__.__class__.__name__, attempt,
-                               delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
-    functools.update_wrapper(call, method)
-    return call
-
-
-def _conversation(row: ConversationRow) -> Conversation:
-    return Conversation(
-        id=row.id,
-        key=row.key,
-        persona=row.persona,
-        temperature=row.temperature,
-        max_reply_tokens=row.max_reply_tokens,
-        reset_after_id=row.reset_after_id,
-        answer_all=row.answer_all,
-    )
-
-
-def _message(row: MessageRow) -> StoredMessage:
-    return StoredMessage(
-        id=row.id,
-        conversation_id=row.conversation_id,
-        role=Role(row.role),
-        author_id=row.author_id,
-        text=row.text,
-        tokens=row.tokens,
-        created_at=row.created_at,
-        reply_to_id=row.reply_to_id,
-        reply_draft_id=row.reply_draft_id,
-    )
 
 
 def _percentile(sorted_values: Sequence[int], fraction: float) -> float | None:
@@ -147,16 +69,16 @@ class SqlStore:
                 raise StorageError(f"database error: {exc.__class__.__name__}: {exc}") \
                     from exc
             except Exception as exc:
-                if not _transient(exc):
+                if not transient(exc):
                     raise
                 raise StorageError(f"database unreachable: {exc.__class__.__name__}") from exc
 
-    @_retrying
+    @retrying
     async def conversation(self, key: str) -> Conversation:
         async with self._transaction() as session:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
             if row is not None:
-                return _conversation(row)
+                return as_conversation(row)
         platform, _, rest = key.partition(":")
         chat_id, _, thread_id = rest.partition(":")
         try:
@@ -166,7 +88,7 @@ class SqlStore:
                     reset_after_id=0, answer_all=False,
                 )
                 session.add(row)
-            return _conversation(row)
+            return as_conversation(row)
         except StorageError as exc:
             if not isinstance(exc.__cause__, IntegrityError):
                 raise
@@ -174,22 +96,22 @@ class SqlStore:
         async with self._transaction() as session:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
             assert row is not None
-            return _conversation(row)
+            return as_conversation(row)
 
-    @_retrying
+    @retrying
     async def find_conversation(self, key: str) -> Conversation | None:
         async with self._transaction() as session:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
-            return None if row is None else _conversation(row)
+            return None if row is None else as_conversation(row)
 
-    @_retrying
+    @retrying
     async def set_answer_all(self, conversation_id: int, answer_all: bool) -> None:
         async with self._transaction(write=True) as session:
             await session.execute(update(ConversationRow)
                                   .where(ConversationRow.id == conversation_id)
                                   .values(answer_all=answer_all))
 
-    @_retrying
+    @retrying
     async def touch_user(self, platform: str, user_id: str, display_name: str) -> bool:
         # Most messages come from a user seen moments ago under the same name: a read is
         # enough, and the write (one per message otherwise) is saved.
@@ -214,7 +136,7 @@ class SqlStore:
             row.last_seen_at = now
             return row.blocked
 
-    @_retrying
+    @retrying
     async def add_user_message(self, message: NewUserMessage) -> Admission:
         try:
             return await self._add_user_message(message)
@@ -235,7 +157,7 @@ class SqlStore:
                 )
             )
             if seen is not None:
-                return Admission(_message(seen), new=False,
+                return Admission(as_stored(seen), new=False,
                                  state=State(seen.state or State.ANSWERED))
             reply_to_id = None
             if message.reply_to_platform_id is not None:
@@ -263,9 +185,9 @@ class SqlStore:
                 platform_message_id=message.platform_message_id,
                 message_id=row.id,
             ))
-        return Admission(_message(row), new=True, state=State.PENDING)
+        return Admission(as_stored(row), new=True, state=State.PENDING)
 
-    @_retrying
+    @retrying
     async def add_reply(self, reply: NewReply) -> StoredMessage:
         async with self._transaction(write=True) as session:
             row = MessageRow(
@@ -306,9 +228,9 @@ class SqlStore:
             usage.messages += 1
             usage.prompt_tokens += reply.prompt_tokens
             usage.reply_tokens += reply.tokens
-        return _message(row)
+        return as_stored(row)
 
-    @_retrying
+    @retrying
     async def history(self, conversation_id: int, after_id: int, before_id: int,
                       limit: int) -> Sequence[StoredMessage]:
         async with self._transaction() as session:
@@ -320,15 +242,15 @@ class SqlStore:
                 .order_by(MessageRow.id.desc())
                 .limit(limit)
             )
-            return [_message(row) for row in rows]
+            return [as_stored(row) for row in rows]
 
-    @_retrying
+    @retrying
     async def message(self, message_id: int) -> StoredMessage | None:
         async with self._transaction() as session:
             row = await session.get(MessageRow, message_id)
-            return None if row is None else _message(row)
+            return None if row is None else as_stored(row)
 
-    @_retrying
+    @retrying
     async def author_exchange(self, conversation_id: int, author_id: str, after_id: int,
                               before_id: int, since: datetime,
                               limit: int) -> Sequence[StoredMessage]:
@@ -343,21 +265,21 @@ class SqlStore:
                 .order_by(MessageRow.id.desc())
                 .limit(limit)
             )
-            return [_message(row) for row in rows]
+            return [as_stored(row) for row in rows]
 
-    @_retrying
+    @retrying
     async def mark_failed(self, message_id: int) -> None:
         async with self._transaction(write=True) as session:
             await session.execute(update(MessageRow).where(MessageRow.id == message_id)
                                   .values(state=State.FAILED.value))
 
-    @_retrying
+    @retrying
     async def set_reply_draft(self, message_id: int, platform_message_id: str) -> None:
         async with self._transaction(write=True) as session:
             await session.execute(update(MessageRow).where(MessageRow.id == message_id)
                                   .values(reply_draft_id=platform_message_id))
 
-    @_retrying
+    @retrying
     async def pending(self, platform: str, since: datetime,
                       limit: int) -> Sequence[PendingMessage]:
         async with self._transaction() as session:
@@ -374,7 +296,7 @@ class SqlStore:
             )
             return [
                 PendingMessage(
-                    message=_message(message), conversation_key=conversation.key,
+                    message=as_stored(message), conversation_key=conversation.key,
                     chat_id=conversation.chat_id, thread_id=conversation.thread_id,
                     platform_message_id=message.platform_message_id or "",
                     author_name=name or message.author_id or "",
@@ -382,7 +304,7 @@ class SqlStore:
                 for message, conversation, name in rows
             ]
 
-    @_retrying
+    @retrying
     async def reset(self, conversation_id: int) -> None:
         async with self._transaction(write=True) as session:
             newest = await session.scalar(
@@ -394,14 +316,14 @@ class SqlStore:
                 .values(reset_after_id=newest or 0)
             )
 
-    @_retrying
+    @retrying
     async def set_persona(self, conversation_id: int, persona: str | None) -> None:
         async with self._transaction(write=True) as session:
             await session.execute(update(ConversationRow)
                                   .where(ConversationRow.id == conversation_id)
                                   .values(persona=persona))
 
-    @_retrying
+    @retrying
     async def set_generation(self, conversation_id: int, temperature: float | None,
                              max_reply_tokens: int | None) -> None:
         async with self._transaction(write=True) as session:
@@ -410,7 +332,7 @@ class SqlStore:
                                   .values(temperature=temperature,
                                           max_reply_tokens=max_reply_tokens))
 
-    @_retrying
+    @retrying
     async def forget_user(self, platform: str, user_id: str) -> int:
         async with self._transaction(write=True) as session:
             result = await session.execute(
@@ -425,7 +347,7 @@ class SqlStore:
         logger.info("forgot %s:%s (%s messages)", platform, user_id, deleted)
         return deleted
 
-    @_retrying
+    @retrying
     async def set_blocked(self, platform: str, user_id: str, blocked: bool) -> None:
         async with self._transaction(write=True) as session:
             row = await session.scalar(
@@ -437,7 +359,7 @@ class SqlStore:
             else:
                 row.blocked = blocked
 
-    @_retrying
+    @retrying
     async def stats(self) -> Stats:
         async with self._transaction() as session:
             conversations = await session.scalar(select(func.count(ConversationRow.id)))
@@ -470,7 +392,7 @@ class SqlStore:
             latency_ms_p95=_percentile(values, 0.95),
         )
 
-    @_retrying
+    @retrying
     async def reply_tokens_on(self, platform: str, user_id: str, day: date) -> int:
         async with self._transaction() as session:
             total = await session.scalar(
@@ -479,7 +401,7 @@ class SqlStore:
                        UsageRow.day == day))
             return int(total or 0)
 
-    @_retrying
+    @retrying
     async def delete_older_than(self, cutoff: datetime) -> int:
         async with self._transaction(write=True) as session:
             result = await session.execute(delete(MessageRow)

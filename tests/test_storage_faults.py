@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings
 from bot.dialogue import INTAKE_FAILED_NOTE, DialogueManager
-from storage import repository
+from storage import retries
 from storage.engine import create_engine
 from storage.migrate import upgrade
 from storage.repository import SqlStore
@@ -48,7 +48,7 @@ async def test_sqlite_locked_by_another_writer_is_retried(
     holder.start()
     locked.wait(5)
     asyncio.get_running_loop().call_later(0.5, release.set)
-    caplog.set_level(logging.WARNING, logger="storage.repository")
+    caplog.set_level(logging.WARNING, logger="storage.retries")
     try:
         await store.set_persona(conversation.id, "a pirate")
     finally:
@@ -100,7 +100,7 @@ async def test_postgres_restart_while_a_message_arrives_is_retried(
 async def test_postgres_down_too_long_tells_the_user(
         postgres_server: PostgresServer, pg_manager: DialogueManager,
         pg_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(repository, "RETRY_DELAYS_S", (0.05, 0.05))
+    monkeypatch.setattr(retries, "RETRY_DELAYS_S", (0.05, 0.05))
     sink = RecordingSink()
     await asyncio.to_thread(postgres_server.stop)
     try:
@@ -123,7 +123,7 @@ async def test_every_pooled_connection_busy_is_waited_out(
                                  pool_timeout=0.1)
     await upgrade(engine)
     store = SqlStore(engine)
-    caplog.set_level(logging.WARNING, logger="storage.repository")
+    caplog.set_level(logging.WARNING, logger="storage.retries")
     async with engine.connect():  # a burst holds the only connection for a while
         waiting = asyncio.ensure_future(store.conversation("telegram:busy"))
         await asyncio.sleep(0.5)
