@@ -163,7 +163,7 @@ def peak_rss_mb() -> float:
 
 async def run(conversations: int, messages: int, database_url: str | None,
               folder: Path, *, in_flight: int = IN_FLIGHT, label: str = "load",
-              first_number: int = 1, timeout: float = 600) -> int:
+              first_number: int = 1, reply_timeout: float = 600) -> int:
     settings = load_settings(data_dir=folder, generator="echo", rate_per_minute=0,
                              **({"database_url": database_url} if database_url else {}))
     engine = create_engine(settings.database_url)
@@ -194,7 +194,7 @@ async def run(conversations: int, messages: int, database_url: str | None,
             for _ in range(min(in_flight, messages)):
                 observer.send_next(conversation)
         try:
-            await asyncio.wait_for(observer.finished.wait(), timeout=timeout)
+            await asyncio.wait_for(observer.finished.wait(), timeout=reply_timeout)
         except TimeoutError:
             stuck = [(c.platform, c.number, c.expected[0]) for c in table.values()
                      if c.expected][:5]
@@ -277,7 +277,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as folder:
             status |= asyncio.run(run(conversations, args.messages, args.database_url,
                                       Path(folder), in_flight=in_flight, label=label,
-                                      first_number=first, timeout=args.timeout))
+                                      first_number=first, reply_timeout=args.timeout))
     return status
 
 

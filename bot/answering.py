@@ -170,7 +170,7 @@ class Responder:
                         question.platform_message_id, stored.reply_draft_id)
         stream = ReplyStream(sink, interval=self._settings.edit_interval, clock=self._clock,
                              key=key, continue_in=stored.reply_draft_id,
-                             on_first_send=None if stored.reply_draft_id else remember_draft)
+                             on_first_send=remember_draft)
         if prompt.input_truncated:
             await stream.push(TRUNCATED_NOTE + "\n\n")
         reply_parts: list[str] = []

@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = "DEBUG" if args.verbose else settings.log_level
         # The terminal chat shows only problems; its conversation is the output.
         _configure_logging("WARNING" if args.command == "console" and not args.verbose
-                           else level, settings.secrets())
+                           else level, secrets)
         if args.command == "console":
             asyncio.run(app.console(settings))
         elif args.command == "run":

@@ -90,8 +90,9 @@ class ReplyStream:
                 await self._sink.edit(self._current_id, text, final=final)
             self._shown = text
         except DeliveryError as exc:
-            if self._continued is not None and self._current_id == self._continued:
-                # The half-written message is gone (deleted, too old to edit): start anew.
+            if final and self._continued is not None and self._current_id == self._continued:
+                # Even its final form cannot go into the half-written message (deleted,
+                # too old to edit): start anew. A skipped streaming edit is no such sign.
                 logger.info("%s: cannot continue message %s (%s); sending a new one",
                             self._key, self._continued, exc)
                 self._continued = self._current_id = None

@@ -40,12 +40,13 @@ def create_engine(url: str, *, sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ConfigError(f"CHINWAG_DATABASE_URL is not a database URL: {exc}") from None
-    if parsed.get_backend_name() == "sqlite":
+    sqlite = parsed.get_backend_name() == "sqlite"
+    if sqlite:
         database = parsed.database
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     try:
-        if parsed.get_backend_name() == "sqlite":
+        if sqlite:
             engine = create_async_engine(parsed)
         else:
             # More connections than SQLAlchemy's default 5 + 10: under a burst every
@@ -54,7 +55,7 @@ def create_engine(url: str, *, sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT
                                          max_overflow=20)
     except (ArgumentError, ImportError) as exc:
         raise ConfigError(f"CHINWAG_DATABASE_URL cannot be used: {exc}") from None
-    if engine.dialect.name == "sqlite":
+    if sqlite:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas(sqlite_busy_timeout_ms))
     logger.debug("database engine for %s", parsed.render_as_string(hide_password=True))
     return engine

@@ -280,6 +280,21 @@ async def test_pending_messages_are_listed_after_an_interrupted_answer(
         assert await restarted.pending("telegram") == []
 
 
+async def test_a_skipped_streaming_edit_does_not_abandon_the_half_written_message(
+        store: SqlStore, settings: Settings) -> None:
+    manager = DialogueManager(store=store, generator=ScriptedGenerator(hang=True),
+                              settings=settings, commands=builtin_commands(),
+                              shutdown_grace=0.05)
+    sink = RecordingSink()
+    await manager.submit(dm("flaky", message_id="m-flaky"), sink).accepted
+    await manager.close()
+    sink.fail_edits = True  # streaming edits refused (flood control); final ones go through
+    async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as restarted:
+        await restarted.handle(dm("flaky", message_id="m-flaky"), sink)
+    assert sink.texts == ["flaky"]
+
+
 async def test_a_reply_whose_half_written_message_is_gone_starts_anew(
         store: SqlStore, settings: Settings) -> None:
     manager = DialogueManager(store=store, generator=ScriptedGenerator(hang=True),
