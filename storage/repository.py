@@ -27,20 +27,13 @@ from bot.store import (
 from storage.models import ConversationRow, MessageRow, PlatformMessageRow, UsageRow, UserRow
 from storage.records import as_conversation, as_stored
 from storage.retries import retrying, transient
+from storage.usage import count_usage, read_stats, reply_tokens_on
 from storage.writer_turns import NORMAL, URGENT, WriterTurns
 
 logger = logging.getLogger(__name__)
 
 _NO_WAIT: AbstractAsyncContextManager[None] = nullcontext()
-STATS_LATENCY_SAMPLE = 1000
 LAST_SEEN_PRECISION = timedelta(minutes=10)
-
-
-def _percentile(sorted_values: Sequence[int], fraction: float) -> float | None:
-    if not sorted_values:
-        return None
-    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
-    return float(sorted_values[index])
 
 
 def _not_answering_before(after_id: int) -> ColumnElement[bool]:
@@ -190,6 +183,20 @@ class SqlStore:
     @retrying
     async def add_reply(self, reply: NewReply) -> StoredMessage:
         async with self._transaction(write=True) as session:
+            marked = await session.execute(
+                update(MessageRow)
+                .where(MessageRow.id == reply.reply_to_id,
+                       MessageRow.state != State.ANSWERED.value)
+                .values(state=State.ANSWERED.value))
+            if marked.rowcount == 0:  # type: ignore[attr-defined]
+                # A retry after a commit whose acknowledgement was lost: keep the first.
+                earlier = await session.scalar(select(MessageRow).where(
+                    MessageRow.reply_to_id == reply.reply_to_id,
+                    MessageRow.role == Role.ASSISTANT.value).limit(1))
+                if earlier is not None:
+                    logger.info("conversation %s: the reply to %s is already stored",
+                                reply.conversation_id, reply.reply_to_id)
+                    return as_stored(earlier)
             row = MessageRow(
                 conversation_id=reply.conversation_id,
                 role=Role.ASSISTANT.value,
@@ -204,30 +211,13 @@ class SqlStore:
             )
             session.add(row)
             await session.flush()
-            await session.execute(update(MessageRow)
-                                  .where(MessageRow.id == reply.reply_to_id)
-                                  .values(state=State.ANSWERED.value))
             for platform_id in dict.fromkeys(reply.platform_message_ids):
                 session.add(PlatformMessageRow(
                     conversation_id=reply.conversation_id,
                     platform_message_id=platform_id,
                     message_id=row.id,
                 ))
-            today = datetime.now(UTC).date()
-            usage = await session.scalar(select(UsageRow).where(
-                UsageRow.platform == reply.platform,
-                UsageRow.user_id == reply.author_id,
-                UsageRow.conversation_id == reply.conversation_id,
-                UsageRow.day == today,
-            ))
-            if usage is None:
-                usage = UsageRow(platform=reply.platform, user_id=reply.author_id,
-                                 conversation_id=reply.conversation_id, day=today,
-                                 messages=0, prompt_tokens=0, reply_tokens=0)
-                session.add(usage)
-            usage.messages += 1
-            usage.prompt_tokens += reply.prompt_tokens
-            usage.reply_tokens += reply.tokens
+            await count_usage(session, reply)
         return as_stored(row)
 
     @retrying
@@ -362,44 +352,12 @@ class SqlStore:
     @retrying
     async def stats(self) -> Stats:
         async with self._transaction() as session:
-            conversations = await session.scalar(select(func.count(ConversationRow.id)))
-            users = await session.scalar(select(func.count(UserRow.id)))
-            counts: dict[str, int] = {
-                role: count for role, count in await session.execute(
-                    select(MessageRow.role, func.count(MessageRow.id)).group_by(MessageRow.role)
-                )
-            }
-            prompt_tokens, reply_tokens = (await session.execute(
-                select(func.coalesce(func.sum(UsageRow.prompt_tokens), 0),
-                       func.coalesce(func.sum(UsageRow.reply_tokens), 0))
-            )).one()
-            latencies = list((await session.scalars(
-                select(MessageRow.generation_ms)
-                .where(MessageRow.role == Role.ASSISTANT.value,
-                       MessageRow.generation_ms.is_not(None))
-                .order_by(MessageRow.id.desc())
-                .limit(STATS_LATENCY_SAMPLE)
-            )).all())
-        values = sorted(v for v in latencies if v is not None)
-        return Stats(
-            conversations=conversations or 0,
-            users=users or 0,
-            user_messages=counts.get(Role.USER.value, 0),
-            replies=counts.get(Role.ASSISTANT.value, 0),
-            prompt_tokens=int(prompt_tokens),
-            reply_tokens=int(reply_tokens),
-            latency_ms_p50=_percentile(values, 0.5),
-            latency_ms_p95=_percentile(values, 0.95),
-        )
+            return await read_stats(session)
 
     @retrying
     async def reply_tokens_on(self, platform: str, user_id: str, day: date) -> int:
         async with self._transaction() as session:
-            total = await session.scalar(
-                select(func.coalesce(func.sum(UsageRow.reply_tokens), 0))
-                .where(UsageRow.platform == platform, UsageRow.user_id == user_id,
-                       UsageRow.day == day))
-            return int(total or 0)
+            return await reply_tokens_on(session, platform, user_id, day)
 
     @retrying
     async def delete_older_than(self, cutoff: datetime) -> int:

@@ -200,6 +200,23 @@ async def test_block_and_stats(store: SqlStore) -> None:
     assert stats.latency_ms_p50 == 120.0
 
 
+async def test_a_reply_stored_again_is_kept_once(store: SqlStore,
+                                                 engine: AsyncEngine) -> None:
+    """A retry after a lost commit acknowledgement runs the whole write again."""
+    conversation = await store.conversation("telegram:1")
+    question = await added(store, user_message(conversation.id, "p1"))
+    first = await store.add_reply(reply(conversation.id, question.id, ["b1"]))
+    again = await store.add_reply(reply(conversation.id, question.id, ["b1"]))
+    assert again.id == first.id
+    async with engine.connect() as connection:
+        replies = (await connection.execute(select(func.count()).select_from(MessageRow)
+                                            .where(MessageRow.role == "assistant"))).scalar()
+        links = (await connection.execute(
+            select(func.count()).select_from(PlatformMessageRow))).scalar()
+        usage = (await connection.execute(select(UsageRow))).one()
+    assert (replies, links, usage.messages, usage.reply_tokens) == (1, 2, 1, 2)
+
+
 async def test_a_turns_reply_writes_are_one_transaction(store: SqlStore,
                                                         engine: AsyncEngine) -> None:
     conversation = await store.conversation("telegram:1")

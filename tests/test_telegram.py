@@ -244,7 +244,7 @@ async def test_server_errors_are_retried_with_backoff(tg: TelegramEmulator) -> N
 
 
 async def test_bursts_of_429_5xx_and_dropped_connections_lose_nothing(
-        tg: TelegramEmulator, engine: AsyncEngine) -> None:
+        tg: TelegramEmulator, manager: DialogueManager, engine: AsyncEngine) -> None:
     tg.fail("getUpdates", DROP, "", times=2)
     tg.fail("sendMessage", 429, "Too Many Requests: retry after 1", times=3, retry_after=1)
     tg.fail("sendMessage", DROP, "", times=3)
@@ -253,8 +253,8 @@ async def test_bursts_of_429_5xx_and_dropped_connections_lose_nothing(
     texts = {chat: f"message in the storm to chat {chat}" for chat in range(30, 40)}
     for chat, text in texts.items():
         tg.push_text(text, chat=chat, user=chat)
-    await tg.wait_for(lambda: all(tg.final_text(c) == [t] for c, t in texts.items()),
-                      timeout=60)
+    await tg.wait_for(lambda: all(tg.final_text(c) == [t] for c, t in texts.items())
+                      and not manager.active_conversations, timeout=60)
     assert len(tg.failed("sendMessage")) == 9 and len(tg.failed("getUpdates")) == 2
     stored = await stored_texts(engine)
     assert sorted(t for role, t in stored if role == "user") == sorted(texts.values())
@@ -379,10 +379,13 @@ async def test_a_restart_mid_conversation_neither_loses_nor_duplicates(
         async with serving(emulator, manager) as adapter:
             one = emulator.user_message(chat=15, user=15, text="one")
             emulator.push_message(one)
-            await emulator.wait_for(lambda: emulator.final_text(15) == ["one"])
+            # The text shows before the reply is stored: wait for the lane to go idle too,
+            # or "one" still counts as running below.
+            await emulator.wait_for(lambda: emulator.final_text(15) == ["one"]
+                                    and not manager.active_conversations)
             first.hang = True
             emulator.push_text("two", chat=15, user=15)
-            await emulator.wait_for(lambda: first.running == 1)
+            await emulator.wait_for(lambda: len(first.prompts) == 2 and first.running == 1)
             # Stop the way `chinwag run` does on SIGTERM.
             await adapter.stop_receiving()
             emulator.push_text("three", chat=15, user=15)  # arrives while it is down
