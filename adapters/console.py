@@ -57,6 +57,9 @@ class ConsoleSink:
             self._out.write("\n")
         self._out.flush()
 
+    async def delete(self, message_id: str) -> None:
+        self._shown.pop(message_id, None)  # printed lines stay: a terminal cannot take them back
+
     async def typing(self) -> None:
         return None
 

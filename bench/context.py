@@ -47,6 +47,9 @@ class NullSink:
     async def edit(self, message_id: str, text: str, *, final: bool = False) -> None:
         return None
 
+    async def delete(self, message_id: str) -> None:
+        return None
+
     async def typing(self) -> None:
         return None
 

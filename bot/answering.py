@@ -158,19 +158,19 @@ class Responder:
         prompt = await self._prompt(question)
         logger.info("%s: answering %s with %s prompt tokens (%s history messages)", key,
                     question.platform_message_id, prompt.tokens, prompt.history_used)
-        async def remember_draft(platform_id: str) -> None:
+        async def remember_draft(platform_ids: list[str]) -> None:
             try:
-                await self._store.set_reply_draft(stored.id, platform_id)
+                await self._store.set_reply_draft(stored.id, platform_ids)
             except StorageError as exc:  # only a crash would need it; the reply goes on
                 logger.warning("%s: could not note where the reply to %s shows: %s", key,
                                question.platform_message_id, exc)
 
-        if stored.reply_draft_id:
-            logger.info("%s: continuing the interrupted reply to %s in message %s", key,
-                        question.platform_message_id, stored.reply_draft_id)
+        if stored.reply_draft_ids:
+            logger.info("%s: continuing the interrupted reply to %s in messages %s", key,
+                        question.platform_message_id, ", ".join(stored.reply_draft_ids))
         stream = ReplyStream(sink, interval=self._settings.edit_interval, clock=self._clock,
-                             key=key, continue_in=stored.reply_draft_id,
-                             on_first_send=remember_draft)
+                             key=key, continue_in=stored.reply_draft_ids,
+                             on_send=remember_draft)
         if prompt.input_truncated:
             await stream.push(TRUNCATED_NOTE + "\n\n")
         reply_parts: list[str] = []

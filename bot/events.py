@@ -78,6 +78,11 @@ class ReplySink(Protocol):
         """Replace the text of a message this sink sent."""
         ...
 
+    async def delete(self, message_id: str) -> None:
+        """Delete a message this sink (or an earlier try of the same reply) sent; one that
+        is already gone counts as deleted."""
+        ...
+
     async def typing(self) -> None:
         """Show a typing indicator (best effort)."""
         ...

@@ -53,9 +53,9 @@ class StoredMessage:
     tokens: int
     created_at: datetime
     reply_to_id: int | None
-    reply_draft_id: str | None = None
-    """A user message's reply as far as it got: the platform id of its first message, sent
-    before a crash cut the reply short (the next try writes into it)."""
+    reply_draft_ids: tuple[str, ...] = ()
+    """A user message's reply as far as it got: the platform ids of the messages it was
+    showing in when a crash or a stop cut it short (the next try writes into them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +157,9 @@ class Store(Protocol):
 
     async def mark_failed(self, message_id: int) -> None: ...
 
-    async def set_reply_draft(self, message_id: int, platform_message_id: str) -> None:
-        """Remember where a reply to this user message started showing."""
+    async def set_reply_draft(self, message_id: int,
+                              platform_message_ids: Sequence[str]) -> None:
+        """Remember the messages a reply to this user message is showing in so far."""
         ...
 
     async def pending(self, platform: str, since: datetime,

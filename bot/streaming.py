@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from bot.errors import DeliveryError
 from bot.events import ReplySink
@@ -20,22 +20,26 @@ class ReplyStream:
     Failed intermediate edits are logged and skipped (the next edit carries the text);
     failures of the final form of a message are raised.
 
-    ``continue_in`` is a message an earlier, interrupted try of this reply left half
-    written: the reply is written into it instead of a new one. ``on_first_send`` learns
-    the id of the first message sent, so such a message can be found after a crash.
+    ``continue_in`` are the messages an earlier, interrupted try of this reply left half
+    written, in order: the reply is written into them instead of new ones, and those it no
+    longer needs are deleted at the end. ``on_send`` learns the ids of every message the
+    reply shows in each time a new one is sent, so they can be found after a crash.
     """
 
     def __init__(self, sink: ReplySink, *, interval: float, clock: Callable[[], float],
-                 key: str = "", continue_in: str | None = None,
-                 on_first_send: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 key: str = "", continue_in: Sequence[str] = (),
+                 on_send: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
         self._sink = sink
         self._interval = interval
         self._clock = clock
         self._key = key
-        self._continued = continue_in
-        self._on_first_send = on_first_send
-        self._message_ids: list[str] = [continue_in] if continue_in else []
-        self._current_id: str | None = continue_in
+        self._on_send = on_send
+        self._continued = set(continue_in)
+        self._leftover = list(continue_in)  # the earlier try's messages not reached yet
+        self._unwanted: list[str] = []  # the earlier try's messages to delete at the end
+        self._message_ids: list[str] = []  # those this reply has written into
+        self._current_id: str | None = None
+        self._next_message()
         self._pending = ""
         self._shown = ""
         self._last_update = float("-inf")
@@ -56,8 +60,7 @@ class ReplyStream:
         while (room := self._sink.fit(self._pending)) < len(self._pending):
             head, self._pending = split_first(self._pending, room)
             await self._show(head, final=True)
-            self._current_id = None
-            self._shown = ""
+            self._next_message()
         if self._clock() - self._last_update >= self._interval:
             await self._show(self._pending, final=False)
 
@@ -69,12 +72,20 @@ class ReplyStream:
             while (room := self._sink.fit(text)) < len(text):
                 head, text = split_first(text, room)
                 await self._show(head, final=True)
-                self._current_id = None
+                self._next_message()
         if not text.strip() and not self._message_ids:
             text = "…"  # the model said nothing; an empty message is refused by platforms
         if text.strip():
             await self._show(text, final=True)
+        elif self._current_id is not None and self._current_id not in self._message_ids:
+            self._unwanted.append(self._current_id)
+        await self._delete_unwanted()
         return self.message_ids
+
+    def _next_message(self) -> None:
+        """Move on to the next message: one the earlier try left, or a new one (None)."""
+        self._current_id = self._leftover.pop(0) if self._leftover else None
+        self._shown = ""
 
     async def _show(self, text: str, *, final: bool) -> None:
         if not text.strip() or (not final and text == self._shown):
@@ -84,21 +95,40 @@ class ReplyStream:
             if self._current_id is None:
                 self._current_id = await self._sink.send(text, final=final)
                 self._message_ids.append(self._current_id)
-                if self._on_first_send is not None and len(self._message_ids) == 1:
-                    await self._on_first_send(self._current_id)
+                if self._on_send is not None:
+                    await self._on_send(self.message_ids)
             else:
                 await self._sink.edit(self._current_id, text, final=final)
+                if self._current_id not in self._message_ids:
+                    self._message_ids.append(self._current_id)
             self._shown = text
         except DeliveryError as exc:
-            if final and self._continued is not None and self._current_id == self._continued:
+            if final and self._current_id in self._continued:
                 # Even its final form cannot go into the half-written message (deleted,
-                # too old to edit): start anew. A skipped streaming edit is no such sign.
-                logger.info("%s: cannot continue message %s (%s); sending a new one",
-                            self._key, self._continued, exc)
-                self._continued = self._current_id = None
-                self._message_ids.clear()
+                # too old to edit): go on in new messages, so the parts keep their order,
+                # and delete what the earlier try left. A skipped streaming edit is no such
+                # sign.
+                logger.info("%s: cannot continue in message %s (%s); sending a new one",
+                            self._key, self._current_id, exc)
+                if self._current_id in self._message_ids:
+                    self._message_ids.remove(self._current_id)
+                self._unwanted += [self._current_id, *self._leftover]
+                self._leftover = []
+                self._current_id = None
                 await self._show(text, final=final)
                 return
             if final:
                 raise
             logger.warning("%s: skipped a streaming update: %s", self._key, exc)
+
+    async def _delete_unwanted(self) -> None:
+        unwanted = [*self._unwanted, *self._leftover]  # leftovers: the earlier try got further
+        self._unwanted, self._leftover = [], []
+        for message_id in dict.fromkeys(unwanted):
+            if message_id in self._message_ids:
+                continue
+            try:
+                await self._sink.delete(message_id)
+            except DeliveryError as exc:
+                logger.warning("%s: could not delete message %s an earlier try left: %s",
+                               self._key, message_id, exc)

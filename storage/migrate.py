@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -26,11 +27,21 @@ def alembic_config() -> Config:
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> str | None:
     """Bring the schema to ``revision``; returns the revision it is at afterwards."""
+    return await _migrate(engine, command.upgrade, revision)
+
+
+async def downgrade(engine: AsyncEngine, revision: str) -> str | None:
+    """Take the schema back to ``revision`` (to run an earlier release on this database)."""
+    return await _migrate(engine, command.downgrade, revision)
+
+
+async def _migrate(engine: AsyncEngine, step: Callable[[Config, str], None],
+                   revision: str) -> str | None:
     config = alembic_config()
 
     def run(connection: Connection) -> str | None:
         config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+        step(config, revision)
         return MigrationContext.configure(connection).get_current_revision()
 
     try:

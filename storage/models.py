@@ -106,8 +106,10 @@ class MessageRow(Base):
     text: Mapped[str] = mapped_column(Text)
     tokens: Mapped[int] = mapped_column(Integer)
     state: Mapped[str | None] = mapped_column(String(16))
-    reply_draft_id: Mapped[str | None] = mapped_column(String(128))
     """``bot.store.State`` of a user message; ``None`` for replies."""
+    reply_draft_ids: Mapped[str | None] = mapped_column(Text)
+    """Platform ids, space-separated, of the messages an unfinished reply to this user
+    message was showing in."""
     generation_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -28,5 +28,5 @@ def as_stored(row: MessageRow) -> StoredMessage:
         tokens=row.tokens,
         created_at=row.created_at,
         reply_to_id=row.reply_to_id,
-        reply_draft_id=row.reply_draft_id,
+        reply_draft_ids=tuple(row.reply_draft_ids.split()) if row.reply_draft_ids else (),
     )

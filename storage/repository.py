@@ -264,10 +264,11 @@ class SqlStore:
                                   .values(state=State.FAILED.value))
 
     @retrying
-    async def set_reply_draft(self, message_id: int, platform_message_id: str) -> None:
+    async def set_reply_draft(self, message_id: int,
+                              platform_message_ids: Sequence[str]) -> None:
         async with self._transaction(write=True) as session:
             await session.execute(update(MessageRow).where(MessageRow.id == message_id)
-                                  .values(reply_draft_id=platform_message_id))
+                                  .values(reply_draft_ids=" ".join(platform_message_ids)))
 
     @retrying
     async def pending(self, platform: str, since: datetime,

@@ -303,7 +303,7 @@ async def test_a_reply_whose_half_written_message_is_gone_starts_anew(
     first = RecordingSink()
     await manager.submit(dm("again", message_id="m-again"), first).accepted
     await manager.close()
-    other = RecordingSink(fail_unknown_edits=True)
+    other = RecordingSink(fail_unknown_edits=True, prefix="other")  # the old id is unknown
     async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as restarted:
         await restarted.handle(dm("again", message_id="m-again"), other)

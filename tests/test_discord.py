@@ -388,6 +388,32 @@ async def test_a_restart_answers_what_the_stop_left_and_nothing_twice(
     assert [m[-1].content for m in second.prompts] == ["two", "three", "four"]
 
 
+async def test_a_shorter_answer_after_a_restart_deletes_what_the_cut_reply_left(
+        emulator: DiscordEmulator, store: SqlStore, settings: Settings) -> None:
+    long = " ".join(f"w{n}" for n in range(1000))  # three messages' worth
+    first = ScriptedGenerator(hang_after_pieces=2)
+    first.reply = lambda _messages: long
+    dm = emulator.dm_channel(16)
+    async with DialogueManager(store=store, generator=first, settings=settings,
+                               commands=builtin_commands(), shutdown_grace=0.2) as manager:
+        async with serving(emulator, manager) as adapter:
+            emulator.post("a long story", author=16, dm=True)
+            await emulator.wait_for(lambda: len(emulator.channel_texts(dm)) == 2)
+            await adapter.stop_receiving()
+            await manager.close()
+    left = [i for i, m in emulator.messages.items() if m["channel_id"] == dm]
+    assert emulator.channel_texts(dm)[-1].endswith(SHUTDOWN_NOTE)
+    second = ScriptedGenerator()
+    second.reply = lambda _messages: "short now"
+    async with DialogueManager(store=store, generator=second, settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        await answered(emulator, manager, dm, ["short now"])
+    assert [i for i, m in emulator.messages.items() if m["channel_id"] == dm] == left[:1]
+    assert [r.path for r in emulator.calls("DELETE", "/messages/")] == \
+        [f"/channels/{dm}/messages/{left[1]}"]
+
+
 async def test_chinwag_run_serves_telegram_and_discord_together(
         emulator: DiscordEmulator, tmp_path: Path) -> None:
     from tests.auxil.telegram_api import TelegramEmulator

@@ -5,6 +5,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import text as sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.config import Settings
@@ -12,7 +13,7 @@ from bot.errors import StorageError
 from bot.retention import RetentionSweeper
 from bot.store import NewReply, NewUserMessage, Role, State, StoredMessage
 from storage.engine import create_engine
-from storage.migrate import head_revision, upgrade
+from storage.migrate import downgrade, head_revision, upgrade
 from storage.models import Base, MessageRow, PlatformMessageRow, UsageRow, UserRow
 from storage.repository import SqlStore
 from tests.auxil.postgres import PostgresServer
@@ -60,6 +61,20 @@ async def test_migrations_match_the_models(engine: AsyncEngine) -> None:
     assert await upgrade(engine) == head_revision()  # running it again is a no-op
 
 
+async def test_migrations_go_down_and_up_again(engine: AsyncEngine) -> None:
+    store = SqlStore(engine)
+    conversation = await store.conversation("telegram:1")
+    message = await added(store, user_message(conversation.id, "p1"))
+    await store.set_reply_draft(message.id, ["11", "12"])
+    await downgrade(engine, "0004")  # the earlier schema keeps the first part
+    async with engine.connect() as connection:
+        assert (await connection.execute(sql("SELECT reply_draft_id FROM messages"))
+                ).scalar() == "11"
+    assert await upgrade(engine) == head_revision()
+    [pending] = await store.pending("telegram", datetime.now(UTC) - timedelta(minutes=5), 10)
+    assert pending.message.reply_draft_ids == ("11",)
+
+
 async def test_sqlite_runs_in_wal_with_foreign_keys(settings: Settings) -> None:
     engine = create_engine(settings.database_url)
     async with engine.connect() as connection:
@@ -103,7 +118,11 @@ async def test_pending_lists_unanswered_messages_within_the_window(store: SqlSto
                                       tokens=2, reply_to_platform_id=None))
     since = datetime.now(UTC) - timedelta(minutes=5)
     [pending] = await store.pending("telegram", since, 10)
-    assert pending.message.id == waiting.id
+    assert pending.message.id == waiting.id and pending.message.reply_draft_ids == ()
+    # Where its reply was showing when it was cut short: every part, in order.
+    await store.set_reply_draft(waiting.id, ["901", "1234567890123456789", "903"])
+    [pending] = await store.pending("telegram", since, 10)
+    assert pending.message.reply_draft_ids == ("901", "1234567890123456789", "903")
     assert (pending.chat_id, pending.thread_id, pending.platform_message_id,
             pending.author_name) == ("-5", "77", "p2", "Ada")
     assert await store.pending("telegram", datetime.now(UTC) + timedelta(minutes=1), 10) == []

@@ -409,6 +409,45 @@ async def test_a_restart_mid_conversation_neither_loses_nor_duplicates(
                                    ("assistant", "three")])  # each once
 
 
+async def test_a_long_reply_cut_short_is_finished_in_its_own_messages(
+        emulator: TelegramEmulator, store: SqlStore, settings: Settings) -> None:
+    long = " ".join(f"word{n}" for n in range(1400))  # three messages' worth
+    first = ScriptedGenerator(hang_after_pieces=2)
+    first.reply = lambda _messages: long
+    async with DialogueManager(store=store, generator=first, settings=settings,
+                               commands=builtin_commands(), shutdown_grace=0.2) as manager:
+        async with serving(emulator, manager) as adapter:
+            for chat in (16, 17):
+                emulator.push_text(f"a long story for chat {chat}", chat=chat, user=chat)
+            # Two thirds written: the first message finished, the second half-way.
+            await emulator.wait_for(lambda: all(len(emulator.final_text(c)) == 2
+                                                for c in (16, 17)))
+            await adapter.stop_receiving()
+            await manager.close()
+    def ids(chat: int) -> list[int]:
+        return sorted(n for n, m in emulator.messages.items() if m["chat"] == chat)
+
+    before = {chat: ids(chat) for chat in (16, 17)}
+    assert all(emulator.final_text(c)[-1].endswith(SHUTDOWN_NOTE) for c in (16, 17))
+    # After the restart chat 16 gets the same story again, chat 17 a short one.
+    second = ScriptedGenerator()
+    second.reply = lambda messages: long if "16" in messages[-1].content else "short now"
+    async with DialogueManager(store=store, generator=second, settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        await emulator.wait_for(lambda: len(second.prompts) == 2
+                                and not manager.active_conversations)
+    # The story went on in the messages it had, then in one new one: nothing shown twice.
+    shown = emulator.final_text(16)
+    assert len(shown) == 3 and " ".join(shown).split() == long.split()
+    assert ids(16)[:2] == before[16]
+    # The short answer took the first message; the second one was deleted.
+    assert emulator.final_text(17) == ["short now"]
+    assert ids(17) == before[17][:1]
+    assert [c.params["message_id"] for c in emulator.calls if c.method == "deleteMessage"] \
+        == [str(before[17][1])]
+
+
 async def test_bad_token_is_one_clear_error(manager: DialogueManager,
                                             emulator: TelegramEmulator) -> None:
     with pytest.raises(ConfigError, match="CHINWAG_TELEGRAM_TOKEN"):

@@ -66,10 +66,20 @@ class ChannelSink(_DiscordLength):
             raise DeliveryError(f"edit: {exc}") from exc
         self._shown[message_id] = text
 
-    def _partial(self, message_id: str) -> discord.PartialMessage:
+    async def delete(self, message_id: str) -> None:
+        target = self._sent.pop(message_id, None) or self._partial(message_id, "delete")
+        self._shown.pop(message_id, None)
+        try:
+            await target.delete()
+        except discord.NotFound:
+            pass
+        except discord.HTTPException as exc:
+            raise DeliveryError(f"delete: {exc}") from exc
+
+    def _partial(self, message_id: str, what: str = "edit") -> discord.PartialMessage:
         make = getattr(self._channel, "get_partial_message", None)
         if make is None or not message_id.isdigit():
-            raise DeliveryError(f"edit: message {message_id} is not in this channel")
+            raise DeliveryError(f"{what}: message {message_id} is not in this channel")
         partial: discord.PartialMessage = make(int(message_id))
         return partial
 
@@ -120,6 +130,18 @@ class InteractionSink(_DiscordLength):
                                                               allowed_mentions=NO_PINGS)
         except discord.HTTPException as exc:
             raise DeliveryError(f"interaction edit: {exc}") from exc
+
+    async def delete(self, message_id: str) -> None:
+        self._shown.pop(message_id, None)
+        try:
+            if message_id == ORIGINAL:
+                await self._interaction.delete_original_response()
+            else:
+                await self._interaction.followup.delete_message(int(message_id))
+        except discord.NotFound:
+            pass
+        except discord.HTTPException as exc:
+            raise DeliveryError(f"interaction delete: {exc}") from exc
 
     async def typing(self) -> None:
         return None  # the deferred response already shows "thinking…"

@@ -97,6 +97,15 @@ class TelegramSink:
             plain_shown=self._shown.get(message_id) == (text, False))
         self._shown[message_id] = (text, formatted)
 
+    async def delete(self, message_id: str) -> None:
+        self._shown.pop(message_id, None)
+        try:
+            await self._call("deleteMessage", True,
+                             lambda: self._bot.delete_message(self._chat_id, int(message_id)))
+        except BadRequest as exc:
+            if "not found" not in str(exc).lower():
+                raise DeliveryError(f"deleteMessage: {exc}") from exc
+
     async def typing(self) -> None:
         try:
             await self._bot.send_chat_action(self._chat_id, ChatAction.TYPING,

@@ -321,7 +321,10 @@ class DiscordEmulator:
                 return _json({"message": "Server error", "code": 0},
                                          status=fault.status)
         self.requests.append(Request(request.method, path, body))
-        result = self._route(request.method, path, body)
+        try:
+            result = self._route(request.method, path, body)
+        except UnknownMessage:
+            return _json({"message": "Unknown Message", "code": 10008}, status=404)
         if result is None:
             return web.Response(status=204)
         return _json(result)
@@ -349,8 +352,13 @@ class DiscordEmulator:
         if parts[0] == "channels" and parts[2:3] == ["messages"]:
             if method == "POST":
                 return self._create(parts[1], body)
+            if parts[3] not in self.messages and method in {"PATCH", "DELETE"}:
+                raise UnknownMessage(parts[3])
             if method == "PATCH":
                 return self._edit(parts[3], body)
+            if method == "DELETE":
+                del self.messages[parts[3]]
+                return None
         if parts[0] == "interactions" and parts[-1] == "callback":
             self.interaction_replies.setdefault(parts[2], []).append(
                 {"kind": "callback", **body})
@@ -393,6 +401,10 @@ class DiscordEmulator:
         message["_allowed_mentions"] = body.get("allowed_mentions",
                                                 message["_allowed_mentions"])
         return message
+
+
+class UnknownMessage(LookupError):
+    """Discord's 404 for a message that is not there (deleted, or never sent)."""
 
 
 def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None

@@ -19,6 +19,8 @@ class ScriptedGenerator(EchoGenerator):
     pieces_count: int = 3
     fail_after_pieces: int | None = None
     hang: bool = False
+    hang_after_pieces: int | None = None
+    """Hang after yielding this many pieces (a reply cut short mid-stream)."""
     gate: asyncio.Event | None = None
     prompts: list[list[ChatMessage]] = field(default_factory=list)
     params: list[GenerationParams] = field(default_factory=list)
@@ -44,6 +46,8 @@ class ScriptedGenerator(EchoGenerator):
             for number, start in enumerate(range(0, len(text), size)):
                 if self.fail_after_pieces is not None and number >= self.fail_after_pieces:
                     raise GenerationError("the model crashed")
+                if self.hang_after_pieces is not None and number >= self.hang_after_pieces:
+                    await asyncio.sleep(3600)
                 await asyncio.sleep(0)
                 yield text[start:start + size]
         finally:

@@ -10,7 +10,7 @@ from bot.errors import DeliveryError
 
 @dataclass
 class Call:
-    kind: str  # "send", "edit" or "typing"
+    kind: str  # "send", "edit", "delete" or "typing"
     message_id: str | None
     text: str | None
     final: bool
@@ -52,6 +52,13 @@ class RecordingSink:
             raise DeliveryError("edit refused")
         self.calls.append(Call("edit", message_id, text, final))
         self.messages[message_id] = text
+
+    async def delete(self, message_id: str) -> None:
+        if self.fail_unknown_edits and message_id not in self.messages:
+            return  # already gone: platforms' sinks count that as deleted
+        assert message_id in self.messages, "deleted a message it never sent"
+        self.calls.append(Call("delete", message_id, None, True))
+        del self.messages[message_id]
 
     async def typing(self) -> None:
         self.calls.append(Call("typing", None, None, False))

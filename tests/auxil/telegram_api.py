@@ -306,6 +306,14 @@ class TelegramEmulator:
                                      "entities": entities, "edits": 0}
         return self._result(message_id)
 
+    async def _api_deleteMessage(self, params: dict[str, Any]) -> Any:
+        message_id = int(params["message_id"])
+        stored = self.messages.get(message_id)
+        if stored is None or stored["chat"] != int(params["chat_id"]):
+            raise ValueError("message to delete not found")
+        del self.messages[message_id]
+        return True
+
     async def _api_editMessageText(self, params: dict[str, Any]) -> Any:
         message_id = int(params["message_id"])
         stored = self.messages.get(message_id)
