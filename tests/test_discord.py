@@ -19,7 +19,7 @@ from bot.config import Settings
 from bot.dialogue import DialogueManager
 from bot.errors import ConfigError
 from storage.repository import SqlStore
-from tests.auxil.discord_api import APP_ID, CHANNEL, GUILD, DiscordEmulator
+from tests.auxil.discord_api import APP_ID, BOT_ROLE, CHANNEL, GUILD, DiscordEmulator
 from tests.auxil.generators import ScriptedGenerator, wait_running
 from tests.auxil.process import serve_until_sigterm
 
@@ -93,6 +93,16 @@ async def test_channel_answers_only_when_mentioned(dc: DiscordEmulator,
     [body] = creates(dc)
     assert str(body["message_reference"]["message_id"]) == asked  # type: ignore[index]
     assert len(generator.prompts) == 1
+
+
+async def test_mentioning_the_bots_own_role_asks_the_bot(dc: DiscordEmulator,
+                                                       manager: DialogueManager,
+                                                       generator: ScriptedGenerator) -> None:
+    dc.post("<@&700000000000000002> mods, look", author=7,
+            mention_roles=["700000000000000002"])  # another role: not for the bot
+    dc.post(f"<@&{BOT_ROLE}> what is up", author=7, mention_roles=[BOT_ROLE])
+    await answered(dc, manager, CHANNEL, ["what is up"])
+    assert [prompt[-1].content for prompt in generator.prompts] == ["what is up"]
 
 
 async def test_reply_to_the_bot_continues_the_chain(dc: DiscordEmulator,

@@ -20,9 +20,16 @@ def normalize(message: discord.Message, bot_id: int) -> IncomingMessage | None:
     """``None`` for what is not ours to handle: bots (itself included), system messages."""
     if message.author.bot or message.type not in _ANSWERED_TYPES:
         return None
-    mentions_bot = any(user.id == bot_id for user in message.mentions)
-    text = re.sub(rf"<@!?{bot_id}>", " ", message.content).strip() if mentions_bot \
-        else message.content
+    # The bot's own role counts: clients offer it next to the bot when people type its name.
+    own_roles = [role.id for role in message.role_mentions
+                 if role.tags is not None and role.tags.bot_id == bot_id]
+    mentions_bot = bool(own_roles) or any(user.id == bot_id for user in message.mentions)
+    text = message.content
+    if mentions_bot:
+        text = re.sub(rf"<@!?{bot_id}>", " ", text)
+        for role_id in own_roles:
+            text = text.replace(f"<@&{role_id}>", " ")
+        text = text.strip()
     unsupported = None
     if not text.strip() and (message.attachments or message.stickers or message.embeds):
         unsupported = "sticker" if message.stickers else "attachment"

@@ -18,6 +18,9 @@ APP_ID = "900000000000000001"
 BOT_USER = {"id": "900000000000000002", "username": "chinwag", "discriminator": "0",
             "global_name": "Chinwag", "avatar": None, "bot": True}
 GUILD = "800000000000000001"
+BOT_ROLE = "700000000000000009"
+"""The role Discord makes for a bot when it joins a server; people's clients offer it
+when they type the bot's name, so users mention it meaning the bot."""
 CHANNEL = "800000000000000010"
 MANAGE_GUILD = 1 << 5
 EVERYONE_PERMISSIONS = 0x0000_0000_0006_4C40  # view, send, read history, embed, attach
@@ -117,6 +120,8 @@ class DiscordEmulator:
 
     def member(self, author: dict[str, Any]) -> dict[str, Any]:
         roles = ["700000000000000002"] if author["id"] in self.admins else []
+        if author["id"] == BOT_USER["id"]:
+            roles = [BOT_ROLE]
         return {"user": author, "roles": roles, "joined_at": _now(), "deaf": False,
                 "mute": False, "flags": 0}
 
@@ -284,6 +289,9 @@ class DiscordEmulator:
                  "permissions": str(EVERYONE_PERMISSIONS | MANAGE_GUILD), "position": 1,
                  "color": 0, "hoist": False, "managed": False, "mentionable": True,
                  "flags": 0},
+                {"id": BOT_ROLE, "name": "Chinwag", "permissions": str(EVERYONE_PERMISSIONS),
+                 "position": 2, "color": 0, "hoist": False, "managed": True,
+                 "mentionable": True, "flags": 0, "tags": {"bot_id": BOT_USER["id"]}},
             ],
             "channels": channels, "threads": threads,
             "members": [self.member(BOT_USER)],
