@@ -20,7 +20,7 @@ from bot.generators import Generator
 from bot.generators.echo import EchoGenerator
 from bot.retention import RetentionSweeper
 from storage.engine import create_engine
-from storage.migrate import upgrade
+from storage.migrate import downgrade, upgrade
 from storage.repository import SqlStore
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,14 @@ async def upgrade_database(settings: Settings) -> str | None:
     engine = create_engine(settings.database_url)
     try:
         return await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+async def downgrade_database(settings: Settings, revision: str) -> str | None:
+    engine = create_engine(settings.database_url)
+    try:
+        return await downgrade(engine, revision)
     finally:
         await engine.dispose()
 

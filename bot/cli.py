@@ -1,4 +1,4 @@
-"""The ``chinwag`` command line: console, run, serve, db upgrade."""
+"""The ``chinwag`` command line: console, run, serve, db upgrade, db downgrade."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION")
     db_commands.add_parser("upgrade", help="apply the database migrations")
+    down = db_commands.add_parser("downgrade", help="take the database schema back to an "
+                                                    "earlier revision, to run an older release")
+    down.add_argument("revision", help="the revision to go back to, e.g. 0004")
     return parser
 
 
@@ -84,7 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "serve":
             asyncio.run(app.serve(settings))
         else:
-            revision = asyncio.run(app.upgrade_database(settings))
+            revision = asyncio.run(app.downgrade_database(settings, args.revision)
+                                   if args.db_command == "downgrade"
+                                   else app.upgrade_database(settings))
             print(f"database is at revision {revision}")
     except ConfigError as exc:
         print(f"chinwag: configuration error: {redact(str(exc), secrets)}", file=sys.stderr)

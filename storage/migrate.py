@@ -10,6 +10,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -47,7 +48,7 @@ async def _migrate(engine: AsyncEngine, step: Callable[[Config, str], None],
     try:
         async with engine.begin() as connection:
             current = await connection.run_sync(run)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, CommandError) as exc:  # CommandError: an unknown revision
         raise StorageError(f"database migration failed: {exc}") from exc
     logger.info("database schema at revision %s", current)
     return current

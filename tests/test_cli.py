@@ -57,6 +57,20 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     assert {"conversations", "messages", "users", "usage", "alembic_version"} <= tables
 
 
+def test_db_downgrade_goes_back_for_an_older_release(tmp_path: Path) -> None:
+    env = {"CHINWAG_DATA_DIR": str(tmp_path)}
+    assert chinwag("db", "upgrade", env=env, timeout=60).returncode == 0
+    result = chinwag("db", "downgrade", "0003", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "database is at revision 0003"
+    columns = {row[1] for row in sqlite3.connect(tmp_path / "chinwag.db").execute(
+        "pragma table_info(messages)")}
+    assert "state" in columns and not columns & {"reply_draft_id", "reply_draft_ids"}
+    wrong = chinwag("db", "downgrade", "no-such-revision", env=env, timeout=60)
+    assert wrong.returncode == 1 and "no-such-revision" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+
 def test_console_with_piped_input_exits_cleanly_and_remembers(tmp_path: Path) -> None:
     env = {"CHINWAG_DATA_DIR": str(tmp_path), "CHINWAG_GENERATOR": "echo"}
     first = chinwag("console", stdin="hello there\n/settings\n", env=env, timeout=60)
