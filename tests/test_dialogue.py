@@ -259,15 +259,22 @@ async def test_a_redelivered_pending_message_is_answered_once(
     assert await stored_texts(engine) == [("user", "hello"), ("assistant", "hello")]
 
 
+async def interrupted(store: SqlStore, settings: Settings, text: str, message_id: str,
+                      sink: RecordingSink) -> DialogueManager:
+    """A process that takes the message, starts its reply and is stopped mid-way; returns
+    that (closed) manager."""
+    manager = DialogueManager(store=store, generator=ScriptedGenerator(hang=True),
+                              settings=settings, commands=builtin_commands(),
+                              shutdown_grace=0.05)
+    await manager.submit(dm(text, message_id=message_id), sink).accepted
+    await manager.close()
+    return manager
+
+
 async def test_pending_messages_are_listed_after_an_interrupted_answer(
         store: SqlStore, settings: Settings) -> None:
-    generator = ScriptedGenerator(hang=True)
-    manager = DialogueManager(store=store, generator=generator, settings=settings,
-                              commands=builtin_commands(), shutdown_grace=0.05)
     sink = RecordingSink()
-    ticket = manager.submit(dm("interrupted", message_id="m-int"), sink)
-    await ticket.accepted
-    await manager.close()
+    manager = await interrupted(store, settings, "interrupted", "m-int", sink)
     assert sink.texts == [SHUTDOWN_NOTE]
     [pending] = await manager.pending("telegram")
     assert (pending.message.text, pending.platform_message_id) == ("interrupted", "m-int")
@@ -282,12 +289,8 @@ async def test_pending_messages_are_listed_after_an_interrupted_answer(
 
 async def test_a_skipped_streaming_edit_does_not_abandon_the_half_written_message(
         store: SqlStore, settings: Settings) -> None:
-    manager = DialogueManager(store=store, generator=ScriptedGenerator(hang=True),
-                              settings=settings, commands=builtin_commands(),
-                              shutdown_grace=0.05)
     sink = RecordingSink()
-    await manager.submit(dm("flaky", message_id="m-flaky"), sink).accepted
-    await manager.close()
+    await interrupted(store, settings, "flaky", "m-flaky", sink)
     sink.fail_edits = True  # streaming edits refused (flood control); final ones go through
     async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as restarted:
@@ -297,12 +300,7 @@ async def test_a_skipped_streaming_edit_does_not_abandon_the_half_written_messag
 
 async def test_a_reply_whose_half_written_message_is_gone_starts_anew(
         store: SqlStore, settings: Settings) -> None:
-    manager = DialogueManager(store=store, generator=ScriptedGenerator(hang=True),
-                              settings=settings, commands=builtin_commands(),
-                              shutdown_grace=0.05)
-    first = RecordingSink()
-    await manager.submit(dm("again", message_id="m-again"), first).accepted
-    await manager.close()
+    await interrupted(store, settings, "again", "m-again", RecordingSink())
     other = RecordingSink(fail_unknown_edits=True, prefix="other")  # the old id is unknown
     async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as restarted:
