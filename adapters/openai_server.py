@@ -18,17 +18,13 @@ from typing import Any, Self
 
 from aiohttp import web
 
-from bot.errors import ChinwagError, GenerationError
+from bot.errors import BadRequest, ChinwagError, GenerationError
 from bot.generators import ChatMessage, GenerationParams, Generator
 
 logger = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant"}
 MAX_BODY_BYTES = 8 * 1024 * 1024
-
-
-class BadRequest(ChinwagError):
-    """A request the server refuses, with the message the client gets."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,9 +4,11 @@
     ├── ConfigError            a setting is missing or wrong; the CLI prints one line and exits
     ├── ModelUnavailable       the model cannot be found, read or loaded
     ├── GenerationError        the generator failed while producing a reply
+    │   └── Busy               more requests than the generator takes; refused at once
     ├── DeliveryError          a platform refused or failed to take a reply
     ├── StorageError           the database failed
-    └── CommandError           a command was used wrongly; its text goes to the user
+    ├── CommandError           a command was used wrongly; its text goes to the user
+    └── BadRequest             an HTTP client's request ``chinwag serve`` refuses (400)
 
 Third-party errors are converted where they enter (``raise X(...) from exc``) so the
 dialogue manager only has to know this tree.
@@ -29,6 +31,10 @@ class GenerationError(ChinwagError):
     """The generator failed while producing a reply."""
 
 
+class Busy(GenerationError):
+    """More requests than the generator takes: refused at once, never queued."""
+
+
 class DeliveryError(ChinwagError):
     """A platform refused or failed to take a message."""
 
@@ -39,3 +45,7 @@ class StorageError(ChinwagError):
 
 class CommandError(ChinwagError):
     """A command was used wrongly; the message is shown to the user as it is."""
+
+
+class BadRequest(ChinwagError):
+    """A request ``chinwag serve`` refuses, with the message the client gets."""

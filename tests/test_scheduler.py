@@ -13,7 +13,7 @@ import pytest_asyncio
 from bot.config import BUILTIN_MODEL
 from bot.generators import ChatMessage, GenerationParams
 from bot.generators.huggingface import TransformersGenerator
-from bot.generators.scheduler import Busy
+from bot.errors import Busy
 
 pytestmark = pytest.mark.model
 

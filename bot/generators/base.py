@@ -48,6 +48,12 @@ class Generator(Protocol):
         """Tokens a prompt costs beyond its messages (the generation prompt, BOS)."""
         ...
 
+    def health(self) -> str | None:
+        """``None`` while the generator can answer; otherwise why not, in a few words (a
+        scheduler that stopped stepping with work queued, a dead worker). Cheap: it is
+        asked by health endpoints."""
+        ...
+
     def count_tokens(self, role: str, text: str) -> int:
         """Tokens one message of this role takes in the chat template."""
         ...

@@ -32,6 +32,9 @@ class EchoGenerator:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         return None
 
+    def health(self) -> str | None:
+        return None
+
     @property
     def context_window(self) -> int | None:
         return None

@@ -88,6 +88,9 @@ class TransformersGenerator:
     def scheduler(self) -> BatchScheduler | WorkerPool | None:
         return self._scheduler
 
+    def health(self) -> str | None:
+        return None
+
     @property
     def context_window(self) -> int | None:
         window = getattr(self._config, "max_position_embeddings", None)

@@ -81,6 +81,9 @@ class OpenAIGenerator:
             await self._client.aclose()
             self._client = None
 
+    def health(self) -> str | None:
+        return None
+
     @property
     def context_window(self) -> int | None:
         return None  # the server knows; CHINWAG_CONTEXT_TOKENS is the budget

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.errors import GenerationError
+from bot.errors import Busy, GenerationError
 from bot.generators.base import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,6 @@ def eos_ids(model: Any) -> list[int]:
     """The token ids that end a reply, from the model's generation config."""
     eos = model.generation_config.eos_token_id
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
-class Busy(GenerationError):
-    """More requests than the scheduler takes: answered at once, never queued."""
 
 
 @dataclass(eq=False)

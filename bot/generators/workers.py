@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.errors import GenerationError
+from bot.errors import Busy, GenerationError
 from bot.generators.base import GenerationParams
-from bot.generators.scheduler import Busy, Request
+from bot.generators.scheduler import Request
 
 logger = logging.getLogger(__name__)
 
