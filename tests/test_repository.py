@@ -5,7 +5,6 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, func, insert, select, update
-from sqlalchemy import text as sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.config import Settings
@@ -13,7 +12,7 @@ from bot.errors import StorageError
 from bot.retention import RetentionSweeper
 from bot.store import NewReply, NewUserMessage, Role, State, StoredMessage
 from storage.engine import create_engine
-from storage.migrate import downgrade, head_revision, upgrade
+from storage.migrate import head_revision, upgrade
 from storage.models import Base, MessageRow, PlatformMessageRow, UsageRow, UserRow
 from storage.repository import SqlStore
 from tests.auxil.postgres import PostgresServer
@@ -59,20 +58,6 @@ async def test_migrations_match_the_models(engine: AsyncEngine) -> None:
     async with engine.connect() as connection:
         assert await connection.run_sync(diff) == []
     assert await upgrade(engine) == head_revision()  # running it again is a no-op
-
-
-async def test_migrations_go_down_and_up_again(engine: AsyncEngine) -> None:
-    store = SqlStore(engine)
-    conversation = await store.conversation("telegram:1")
-    message = await added(store, user_message(conversation.id, "p1"))
-    await store.set_reply_draft(message.id, ["11", "12"])
-    await downgrade(engine, "0004")  # the earlier schema keeps the first part
-    async with engine.connect() as connection:
-        assert (await connection.execute(sql("SELECT reply_draft_id FROM messages"))
-                ).scalar() == "11"
-    assert await upgrade(engine) == head_revision()
-    [pending] = await store.pending("telegram", datetime.now(UTC) - timedelta(minutes=5), 10)
-    assert pending.message.reply_draft_ids == ("11",)
 
 
 async def test_sqlite_runs_in_wal_with_foreign_keys(settings: Settings) -> None:

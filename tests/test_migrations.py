@@ -1,0 +1,281 @@
+"""Migrations keep every row: up from every earlier revision, down to every earlier revision
+and up again, on SQLite and on a real PostgreSQL server; a SQLite file is copied aside
+before a migration changes it."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, MetaData, Table, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.config import Settings
+from bot.errors import StorageError
+from storage import migrate
+from storage.engine import create_engine
+from storage.migrate import downgrade, head_revision, upgrade
+from tests.auxil.postgres import PostgresServer
+from tests.auxil.process import chinwag
+
+EARLIER = ["0001", "0002", "0003", "0004"]
+"""Every revision before the head."""
+
+TABLES = ["conversations", "users", "messages", "platform_messages", "usage"]
+
+WHEN = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+# One row per case the store knows: a persona and generation settings, a conversation
+# that answers everything, a blocked user, a question answered by a reply that is
+# linked to it and shown in two platform messages, a pending question with an
+# interrupted reply's message ids, a failed one in a thread, and a day's usage.
+ROWS: dict[str, list[dict[str, Any]]] = {
+    "conversations": [
+        {"id": 1, "key": "telegram:1", "platform": "telegram", "chat_id": "1",
+         "thread_id": None, "persona": "a pirate", "temperature": 0.3,
+         "max_reply_tokens": 99, "reset_after_id": 0, "answer_all": True, "created_at": WHEN},
+        {"id": 2, "key": "discord:5:9", "platform": "discord", "chat_id": "5",
+         "thread_id": "9", "persona": None, "temperature": None, "max_reply_tokens": None,
+         "reset_after_id": 0, "answer_all": False, "created_at": WHEN},
+    ],
+    "users": [
+        {"id": 1, "platform": "telegram", "user_id": "u1", "display_name": "Ann",
+         "blocked": False, "created_at": WHEN, "last_seen_at": WHEN},
+        {"id": 2, "platform": "telegram", "user_id": "u2", "display_name": "Spammer",
+         "blocked": True, "created_at": WHEN, "last_seen_at": WHEN},
+    ],
+    "messages": [
+        {"id": 1, "conversation_id": 1, "role": "user", "platform": "telegram",
+         "author_id": "u1", "platform_message_id": "p1", "reply_to_id": None,
+         "text": "hello", "tokens": 1, "generation_ms": None, "created_at": WHEN,
+         "state": "answered"},
+        {"id": 2, "conversation_id": 1, "role": "assistant", "platform": "telegram",
+         "author_id": "u1", "platform_message_id": None, "reply_to_id": 1,
+         "text": "hi there", "tokens": 2, "generation_ms": 120, "created_at": WHEN,
+         "state": None},
+        {"id": 3, "conversation_id": 1, "role": "user", "platform": "telegram",
+         "author_id": "u1", "platform_message_id": "p3", "reply_to_id": None,
+         "text": "tell me more", "tokens": 3, "generation_ms": None, "created_at": WHEN,
+         "state": "pending", "reply_draft_id": "31", "reply_draft_ids": "31 32"},
+        {"id": 4, "conversation_id": 2, "role": "user", "platform": "discord",
+         "author_id": "d7", "platform_message_id": "d4", "reply_to_id": None,
+         "text": "and in a thread?", "tokens": 4, "generation_ms": None,
+         "created_at": WHEN, "state": "failed"},
+    ],
+    "platform_messages": [
+        {"id": 1, "conversation_id": 1, "platform_message_id": "p1", "message_id": 1},
+        {"id": 2, "conversation_id": 1, "platform_message_id": "r1", "message_id": 2},
+        {"id": 3, "conversation_id": 1, "platform_message_id": "r1b", "message_id": 2},
+        {"id": 4, "conversation_id": 1, "platform_message_id": "p3", "message_id": 3},
+        {"id": 5, "conversation_id": 2, "platform_message_id": "d4", "message_id": 4},
+    ],
+    "usage": [
+        {"id": 1, "platform": "telegram", "user_id": "u1", "conversation_id": 1,
+         "day": date(2026, 11, 30), "messages": 1, "prompt_tokens": 10, "reply_tokens": 2},
+    ],
+}
+
+
+def _reflect(connection: Connection) -> dict[str, Table]:
+    metadata = MetaData()
+    metadata.reflect(connection, only=TABLES)
+    return dict(metadata.tables)
+
+
+async def fill(engine: AsyncEngine) -> None:
+    """Every table's rows, with the columns the schema has at its current revision."""
+
+    def run(connection: Connection) -> None:
+        tables = _reflect(connection)
+        for name in TABLES:
+            table = tables[name]
+            for row in ROWS[name]:  # one by one: rows differ in the columns they set
+                connection.execute(insert(table).values(
+                    {k: v for k, v in row.items() if k in table.c}))
+
+    async with engine.begin() as connection:
+        await connection.run_sync(run)
+
+
+async def snapshot(engine: AsyncEngine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, in the columns every revision has (0001's)."""
+
+    def run(connection: Connection) -> dict[str, list[tuple[Any, ...]]]:
+        tables = _reflect(connection)
+        result = {}
+        for name in TABLES:
+            table = tables[name]
+            columns = [table.c[k] for k in ROWS[name][0] if k in table.c
+                       and k not in ("state", "answer_all", "reply_draft_id", "reply_draft_ids")]
+            result[name] = [tuple(row) for row in
+                            connection.execute(select(*columns).order_by(table.c.id))]
+        return result
+
+    async with engine.connect() as connection:
+        return await connection.run_sync(run)
+
+
+async def column(engine: AsyncEngine, table: str, name: str) -> list[Any]:
+    def run(connection: Connection) -> list[Any]:
+        reflected = _reflect(connection)[table]
+        return list(connection.execute(select(reflected.c[name])
+                                       .order_by(reflected.c.id)).scalars())
+
+    async with engine.connect() as connection:
+        return await connection.run_sync(run)
+
+
+async def foreign_key_problems(engine: AsyncEngine) -> list[Any]:
+    if engine.dialect.name != "sqlite":
+        return []  # PostgreSQL checks every constraint as rows change
+    async with engine.connect() as connection:
+        return list((await connection.exec_driver_sql("PRAGMA foreign_key_check")).all())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def bare(request: pytest.FixtureRequest,
+               settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """An engine on an empty database: no migration has run."""
+    if request.param == "sqlite":
+        url = settings.database_url
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        url = server.create_database()
+    engine = create_engine(url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.mark.parametrize("start", EARLIER)
+async def test_upgrading_from_every_revision_keeps_every_row(bare: AsyncEngine,
+                                                             start: str) -> None:
+    assert await upgrade(bare, start) == start
+    await fill(bare)
+    before = await snapshot(bare)
+    assert [len(before[name]) for name in TABLES] == [2, 2, 4, 5, 1]
+
+    assert await upgrade(bare) == head_revision()
+    assert await snapshot(bare) == before
+    assert await foreign_key_problems(bare) == []
+    expected_states = (["answered", None, "pending", "failed"] if start != "0001"
+                       else ["answered", None, "answered", "answered"])  # 0002: all answered
+    assert await column(bare, "messages", "state") == expected_states
+    assert await column(bare, "conversations", "answer_all") == [start >= "0003", False]
+    assert await column(bare, "messages", "reply_draft_ids") == [
+        None, None, "31" if start == "0004" else None, None]
+
+
+@pytest.mark.parametrize("target", EARLIER)
+async def test_going_down_to_every_revision_and_up_again_keeps_every_row(
+        bare: AsyncEngine, target: str) -> None:
+    await upgrade(bare)
+    await fill(bare)
+    before = await snapshot(bare)
+
+    assert await downgrade(bare, target) == target
+    assert await snapshot(bare) == before
+    assert await foreign_key_problems(bare) == []
+    if target == "0004":  # the earlier schema holds an interrupted reply's first message
+        assert await column(bare, "messages", "reply_draft_id") == [None, None, "31", None]
+
+    assert await upgrade(bare) == head_revision()
+    assert await snapshot(bare) == before
+    assert await foreign_key_problems(bare) == []
+
+
+async def test_the_migration_gives_sqlite_connections_their_foreign_keys_back(
+        settings: Settings) -> None:
+    engine = create_engine(settings.database_url)
+    try:
+        await upgrade(engine, "0004")
+        await upgrade(engine)
+        async with engine.connect() as connection:  # the pool's one, used by the migration
+            assert (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        await engine.dispose()
+
+
+def backups(folder: Path) -> list[str]:
+    """The names of the copies in ``folder``, and of any copy left half-written."""
+    return sorted(p.name for p in folder.iterdir() if ".bak-" in p.name)
+
+
+def _counts(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as connection:
+        counts = {name: connection.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+                  for name in TABLES}
+        counts["revision"] = connection.execute(
+            "SELECT version_num FROM alembic_version").fetchone()[0]
+    connection.close()
+    return counts
+
+
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("console",)])
+async def test_db_upgrade_and_start_up_copy_the_file_aside_first(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    path = tmp_path / "chinwag.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    await upgrade(engine, "0004")
+    await fill(engine)
+    await engine.dispose()
+
+    env = {"CHINWAG_DATA_DIR": str(tmp_path), "CHINWAG_GENERATOR": "echo"}
+    result = chinwag(*command, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    copy = tmp_path / "chinwag.db.bak-0004"
+    if command == ("db", "upgrade"):
+        assert f"database is at revision {head_revision()}" in result.stdout
+        assert str(copy) in result.stderr  # the log says where the copy is
+    assert _counts(copy) == {"conversations": 2, "users": 2, "messages": 4,
+                             "platform_messages": 5, "usage": 1, "revision": "0004"}
+    assert _counts(path) == {**_counts(copy), "revision": head_revision()}
+
+    again = chinwag(*command, env=env, timeout=120)  # nothing to migrate, nothing copied
+    assert again.returncode == 0, again.stderr
+    assert backups(tmp_path) == ["chinwag.db.bak-0004"]
+
+
+async def test_only_the_last_few_copies_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "chinwag.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        await upgrade(engine, "0001")  # a new, empty database is not copied
+        assert backups(tmp_path) == []
+        await fill(engine)
+        for revision in ["0002", "0003", "0004", "0005"]:
+            await upgrade(engine, revision)
+        await downgrade(engine, "0004")
+    finally:
+        await engine.dispose()
+    kept = backups(tmp_path)
+    assert len(kept) == migrate.KEEP_BACKUPS
+    # The newest: taken before 0003→0004, 0004→0005 and 0005→0004.
+    assert kept == ["chinwag.db.bak-0003", "chinwag.db.bak-0004", "chinwag.db.bak-0005"]
+    assert _counts(tmp_path / "chinwag.db.bak-0005")["messages"] == 4
+
+
+async def test_a_failed_sqlite_migration_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "chinwag.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        await upgrade(engine, "0003")
+        await fill(engine)
+        before = await snapshot(engine)
+        # 0004 creates an index, then rebuilds `messages` through this table name.
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("CREATE TABLE _alembic_tmp_messages (x INTEGER)")
+        with pytest.raises(StorageError, match="migration failed"):
+            await upgrade(engine)
+        async with engine.connect() as connection:
+            indexes = await connection.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE name = 'ix_messages_created_at'")
+            assert indexes.all() == []  # the index made before the failure is gone too
+            assert (await connection.exec_driver_sql(
+                "SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert await snapshot(engine) == before
+    finally:
+        await engine.dispose()
