@@ -57,31 +57,41 @@ async def test_sigkill_mid_stream_then_restart_answers_each_message_once(
         assert half_shown, "the kill came after every reply had finished"
 
         model.chunk_delay = 0.001
+        every = [question(chat, n) for chat in range(1, CHATS + 1)
+                 for n in ([1, 2] if chat <= CHATS // 2 else [1])]
         second = await start_run(env, tmp_path)
         try:
-            expected = {chat: [question(chat, 1)] + ([question(chat, 2)]
-                                                     if chat <= CHATS // 2 else [])
-                        for chat in range(1, CHATS + 1)}
-            await tg.wait_for(lambda: all(tg.final_text(c) == texts
-                                          for c, texts in expected.items()), timeout=90)
-            await asyncio.sleep(1.0)  # nothing more arrives later
-            for chat, texts in expected.items():
-                assert tg.final_text(chat) == texts  # one message per answer: no stubs
+            # Every reply is stored only after its last message was shown, so once all are
+            # stored nothing more can arrive.
+            for _ in range(900):
+                users, pairs = await stored(url)
+                if len(pairs) >= len(every):
+                    break
+                await asyncio.sleep(0.1)
+            for chat in range(1, CHATS + 1):  # one message per answer: no stubs
+                assert tg.final_text(chat) == [t for t in every if t.startswith(f"chat {chat} ")]
         finally:
             second.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(second.wait(), 30) == 0
 
-    engine = create_engine(url)
-    reply = aliased(MessageRow)
-    async with engine.connect() as connection:
-        users = (await connection.execute(
-            select(MessageRow.text).where(MessageRow.role == "user"))).scalars().all()
-        pairs = (await connection.execute(
-            select(MessageRow.text, reply.text)
-            .join(reply, reply.reply_to_id == MessageRow.id)
-            .where(MessageRow.role == "user"))).all()
-    await engine.dispose()
-    every = [t for texts in expected.values() for t in texts]
+    users, pairs = await stored(url)
     assert Counter(users) == Counter(every)  # each stored exactly once
     assert Counter(q for q, _a in pairs) == Counter(every)  # each answered exactly once
     assert all(q == a for q, a in pairs)
+
+
+async def stored(url: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The stored user messages' texts, and each answered one with its reply's text."""
+    engine = create_engine(url)
+    reply = aliased(MessageRow)
+    try:
+        async with engine.connect() as connection:
+            users = (await connection.execute(
+                select(MessageRow.text).where(MessageRow.role == "user"))).scalars().all()
+            pairs = [(question, answer) for question, answer in await connection.execute(
+                select(MessageRow.text, reply.text)
+                .join(reply, reply.reply_to_id == MessageRow.id)
+                .where(MessageRow.role == "user"))]
+    finally:
+        await engine.dispose()
+    return list(users), pairs
