@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,7 +66,9 @@ async def _migrate(engine: AsyncEngine, step: Callable[[Config, str], None],
                 else:
                     async with connection.begin():
                         current = await connection.run_sync(_run, config, step, revision)
-    except (SQLAlchemyError, CommandError) as exc:  # CommandError: an unknown revision
+    # CommandError: an unknown revision; OSError: a server that refuses the connection
+    # (asyncpg lets it through unwrapped), or a copy that cannot be written.
+    except (SQLAlchemyError, CommandError, OSError, sqlite3.Error) as exc:
         raise StorageError(f"database migration failed: {exc}") from exc
     logger.info("database schema at revision %s", current)
     return current

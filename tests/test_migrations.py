@@ -4,6 +4,7 @@ before a migration changes it."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
@@ -279,3 +280,16 @@ async def test_a_failed_sqlite_migration_changes_nothing(tmp_path: Path) -> None
         assert await snapshot(engine) == before
     finally:
         await engine.dispose()
+
+
+def test_a_database_server_that_refuses_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql+asyncpg://chinwag@127.0.0.1:{port}/chinwag"
+    result = chinwag("db", "upgrade", env={"CHINWAG_DATABASE_URL": url}, cwd=tmp_path,
+                     timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "chinwag: error: database migration failed"), result.stderr
