@@ -89,6 +89,8 @@ class MessageRow(Base):
         # Finding what is still to answer after a restart.
         Index("ix_messages_pending", "platform", "state"),
         Index("ix_messages_created_at", "created_at"),
+        # Ids order a conversation, so a deleted newest message's id is never given again.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

@@ -190,6 +190,21 @@ async def test_forget_deletes_every_row_about_the_user(store: SqlStore,
     assert links == ["p2"]
 
 
+async def test_a_deleted_messages_id_is_never_given_again(store: SqlStore) -> None:
+    """Ids order a conversation (a /reset hides every id up to the newest): a /forget of
+    the newest messages must not let the next ones take their ids, below the reset."""
+    conversation = await store.conversation("telegram:1")
+    await added(store, user_message(conversation.id, "p1", "old", author="u1"))
+    newest = await added(store, user_message(conversation.id, "p2", "mine", author="u2"))
+    await store.reset(conversation.id)
+    await store.forget_user("telegram", "u2")
+    after = await added(store, user_message(conversation.id, "p3", "after the reset"))
+    assert after.id > newest.id
+    conversation = await store.conversation("telegram:1")
+    context = await store.history(conversation.id, conversation.reset_after_id, 10**9, 10)
+    assert [m.text for m in context] == ["after the reset"]
+
+
 async def test_block_and_stats(store: SqlStore) -> None:
     assert await store.touch_user("telegram", "u1", "One") is False
     await store.set_blocked("telegram", "u1", True)
