@@ -127,7 +127,8 @@ async def run(settings: Settings) -> None:
                 chatting.cancel()  # the manager still lets a running reply finish
                 with contextlib.suppress(asyncio.CancelledError):
                     await chatting
-            chatting.result()
+                return  # a stop asked for, not a failure: the task's cancellation stays here
+            chatting.result()  # the input ended, or the session failed
             return
         async with open_chinwag(settings) as manager, contextlib.AsyncExitStack() as stack:
             adapters = [await stack.enter_async_context(adapter)

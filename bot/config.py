@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.errors import ConfigError
@@ -16,6 +24,13 @@ BUILTIN_MODEL = "builtin"
 
 # Small models answer worse when the system prompt gives them a name they do not know.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+_WRITTEN_PASSWORD = re.compile(r"://[^:/@]*:([^@/]*)@")
+"""The password in a database URL as it is written (``user:password@host``)."""
+
+HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
+"""A path setting: ``~`` means the home folder, as in a shell (``.env`` is no shell)."""
 
 
 def looks_like_path(model: str) -> bool:
@@ -30,7 +45,7 @@ class Settings(BaseSettings):
         env_prefix="CHINWAG_", env_file=".env", extra="ignore", validate_default=True
     )
 
-    data_dir: Path = Path("data")
+    data_dir: HomePath = Path("data")
     database_url: str = ""
     """Any SQLAlchemy async URL; empty means a SQLite file in ``data_dir``."""
     generator: Literal["transformers", "openai", "echo"] = "transformers"
@@ -42,7 +57,7 @@ class Settings(BaseSettings):
     serve_api_key: SecretStr | None = None
     """When set, ``chinwag serve`` requires ``Authorization: Bearer <key>``."""
     model: str = BUILTIN_MODEL
-    model_cache_dir: Path = Path("~/.cache/chinwag").expanduser()
+    model_cache_dir: HomePath = Path("~/.cache/chinwag")
     device: str = "auto"
     max_sequences: int = Field(32, ge=1, le=4096)
     """Conversations generating at once in the in-process model's batch."""
@@ -127,9 +142,12 @@ class Settings(BaseSettings):
         from sqlalchemy.exc import ArgumentError
 
         try:
-            make_url(self.database_url)
+            url = make_url(self.database_url)
         except ArgumentError as exc:
             raise ValueError(f"CHINWAG_DATABASE_URL is not a database URL: {exc}") from None
+        if url.get_backend_name() == "sqlite" and (url.database or "").startswith("~"):
+            home = str(Path(url.database or "").expanduser())
+            self.database_url = url.set(database=home).render_as_string(hide_password=False)
         if self.generator == "transformers" and looks_like_path(self.model):
             path = Path(self.model).expanduser()
             if not path.exists() or not os.access(path, os.R_OK):
@@ -154,6 +172,10 @@ class Settings(BaseSettings):
         password = make_url(self.database_url).password if self.database_url else None
         if password:
             values.append(str(password))
+            # As written in the URL too: "p%40ss" for "p@ss", which an error may quote.
+            written = _WRITTEN_PASSWORD.search(self.database_url)
+            if written:
+                values.append(written.group(1))
         return [v for v in values if v]
 
 

@@ -3,37 +3,33 @@
 Preference order for a cut: a paragraph break outside code, a line break outside code,
 then (only for a code block that alone exceeds the limit) a line break inside it, with the
 fence closed at the end of one part and reopened at the start of the next; then a space;
-then a hard cut.
+then a hard cut. What is code is decided by ``bot.fences``, as the Telegram formatting
+decides it.
 """
 
 from __future__ import annotations
 
-import re
-
-_FENCE = re.compile(r"^ {0,3}(```|~~~)(.*)$")
-_CLOSE_ROOM = 4  # "\n```"
+from bot.fences import Fence, classify
 
 
-def _fence_states(text: str) -> list[tuple[int, str | None]]:
-    """For each line end in ``text``: its position and the open fence line after it (or None)."""
-    states: list[tuple[int, str | None]] = []
-    open_fence: str | None = None
+def _close_room(fence: Fence) -> int:
+    return 1 + fence.length  # "\n```"
+
+
+def _fence_states(text: str) -> list[tuple[int, Fence | None]]:
+    """For each line end in ``text``: its position and the block open after it (or None)."""
+    states: list[tuple[int, Fence | None]] = []
     position = 0
-    for line in text.split("\n"):
-        match = _FENCE.match(line)
-        if match:
-            if open_fence is None:
-                open_fence = line.strip()
-            elif match.group(1) == open_fence[:3] and not match.group(2).strip():
-                open_fence = None
+    lines = text.split("\n")
+    for line, kind in zip(lines, classify(lines), strict=True):
         position += len(line)
-        states.append((position, open_fence))
+        states.append((position, kind.fence if kind.block_open_after else None))
         position += 1
     return states
 
 
-def open_fence_at_end(text: str) -> str | None:
-    """The fence line of a code block left open at the end of ``text``, if any."""
+def open_fence_at_end(text: str) -> Fence | None:
+    """The fence of a code block left open at the end of ``text``, if any."""
     return _fence_states(text)[-1][1]
 
 
@@ -61,22 +57,24 @@ def _preferred_cut(text: str, limit: int) -> tuple[str, str]:
         return text[:cut].rstrip(), text[cut:].lstrip("\n")
     # Inside a block, only after at least one line of its content (not right after the fence).
     inside = [(pos, fence) for (pos, fence), (_, before) in zip(window[1:], window, strict=False)
-              if fence is not None and before == fence and 0 < pos <= limit - _CLOSE_ROOM]
+              if fence is not None and before is fence and 0 < pos <= limit - _close_room(fence)]
     if inside:
         cut, fence = inside[-1]
         head = text[:cut]
         if open_fence_at_end(head) is not None:
-            return head + "\n" + fence[:3], fence + "\n" + text[cut + 1:]
+            return head + "\n" + fence.closing, fence.opening + "\n" + text[cut + 1:]
         return head.rstrip(), text[cut:].lstrip("\n")
     trailing = open_fence_at_end(text[:limit])
-    room = limit - (_CLOSE_ROOM if trailing else 0)
+    if trailing is not None and _close_room(trailing) > limit // 4:
+        trailing = None  # a fence of dozens of backticks: closing it would leave no room
+    room = limit - (_close_room(trailing) if trailing else 0)
     space = text.rfind(" ", 0, room + 1)
     if space > room // 2:
         head, rest = text[:space], text[space:].lstrip(" ")
     else:
         head, rest = text[:room], text[room:]
     if trailing is not None:
-        return head + "\n" + trailing[:3], trailing + "\n" + rest
+        return head + "\n" + trailing.closing, trailing.opening + "\n" + rest
     return head, rest
 
 

@@ -150,9 +150,10 @@ class Store(Protocol):
         not stored twice."""
         ...
 
-    async def add_reply(self, reply: NewReply) -> StoredMessage:
+    async def add_reply(self, reply: NewReply) -> StoredMessage | None:
         """Store a reply, the platform ids of its parts and its usage, and mark the message
-        it answers answered, in one transaction."""
+        it answers answered, in one transaction; None, storing nothing, when that message
+        is gone (its author sent /forget while the reply was written)."""
         ...
 
     async def mark_failed(self, message_id: int) -> None: ...

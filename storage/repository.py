@@ -181,7 +181,7 @@ class SqlStore:
         return Admission(as_stored(row), new=True, state=State.PENDING)
 
     @retrying
-    async def add_reply(self, reply: NewReply) -> StoredMessage:
+    async def add_reply(self, reply: NewReply) -> StoredMessage | None:
         async with self._transaction(write=True) as session:
             marked = await session.execute(
                 update(MessageRow)
@@ -197,6 +197,12 @@ class SqlStore:
                     logger.info("conversation %s: the reply to %s is already stored",
                                 reply.conversation_id, reply.reply_to_id)
                     return as_stored(earlier)
+                if await session.get(MessageRow, reply.reply_to_id) is None:
+                    # Its asker sent /forget while it was written: keep nothing about them.
+                    logger.info("conversation %s: the message %s was deleted meanwhile; "
+                                "its reply is not stored", reply.conversation_id,
+                                reply.reply_to_id)
+                    return None
             row = MessageRow(
                 conversation_id=reply.conversation_id,
                 role=Role.ASSISTANT.value,

@@ -1,11 +1,16 @@
+import asyncio
+import asyncio.subprocess as aproc
+import os
+import signal
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
 
 from bot.config import load_settings
 from bot.errors import ConfigError
-from tests.auxil.process import chinwag
+from tests.auxil.process import ROOT, chinwag
 
 
 @pytest.mark.parametrize(("env", "named"), [
@@ -87,3 +92,50 @@ def test_run_without_tokens_falls_back_to_the_console(tmp_path: Path) -> None:
     result = chinwag("run", stdin="ping\n", env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ping"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_run_falling_back_to_the_console_stops_cleanly_on_a_signal(
+        sig: signal.Signals, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update({"CHINWAG_DATA_DIR": str(tmp_path), "CHINWAG_GENERATOR": "echo",
+                "PYTHONPATH": str(ROOT)})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", env=env, cwd=tmp_path, stdin=aproc.PIPE,
+        stdout=aproc.PIPE, stderr=aproc.PIPE)
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(b"ping\n")  # the input stays open: the console waits for more
+        await process.stdin.drain()
+        assert await asyncio.wait_for(process.stdout.readline(), 60) == b"ping\n"
+        process.send_signal(sig)
+        _out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode() and "CancelledError" not in err.decode()
+
+
+def test_paths_expand_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / ".env").write_text("CHINWAG_MODEL_CACHE_DIR=~/.cache/chinwag\n"
+                                   "CHINWAG_DATA_DIR=~/chinwag-data\n")
+    settings = load_settings()  # the working folder is tmp_path, where .env is
+    assert settings.model_cache_dir == home / ".cache" / "chinwag"
+    assert settings.data_dir == home / "chinwag-data"
+    assert settings.database_url == f"sqlite+aiosqlite:///{home / 'chinwag-data' / 'chinwag.db'}"
+    given = load_settings(database_url="sqlite+aiosqlite:///~/elsewhere/bot.db")
+    assert given.database_url == f"sqlite+aiosqlite:///{home / 'elsewhere' / 'bot.db'}"
+
+
+def test_db_upgrade_with_a_home_path_makes_no_tilde_folder(tmp_path: Path) -> None:
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    (work / ".env").write_text("CHINWAG_DATA_DIR=~/chinwag-data\n")
+    result = chinwag("db", "upgrade", env={"HOME": str(home)}, cwd=work, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (home / "chinwag-data" / "chinwag.db").is_file()
+    assert not (work / "~").exists()

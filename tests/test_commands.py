@@ -1,14 +1,23 @@
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.builtin_commands import builtin_commands
 from bot.commands import Access, Argument, Command, parse_arguments, parse_call
+from bot.config import Settings
 from bot.dialogue import DialogueManager
 from bot.errors import CommandError
-from storage.models import MessageRow
+from storage.engine import create_engine
+from storage.migrate import upgrade
+from storage.models import MessageRow, PlatformMessageRow, UsageRow, UserRow
+from storage.repository import SqlStore
 from tests.auxil.factories import dm, group
-from tests.auxil.generators import ScriptedGenerator
+from tests.auxil.generators import ScriptedGenerator, wait_running
+from tests.auxil.postgres import PostgresServer
 from tests.auxil.sinks import RecordingSink
 
 
@@ -135,6 +144,67 @@ async def test_forget_through_the_manager(manager: DialogueManager,
     assert texts == []
 
 
+async def rows_about(engine: AsyncEngine, user: str) -> dict[str, int]:
+    async with engine.connect() as connection:
+        async def count(statement: object) -> int:
+            return int((await connection.execute(statement)).scalar_one())  # type: ignore[call-overload]
+
+        return {
+            "messages": await count(select(func.count()).select_from(MessageRow)
+                                    .where(MessageRow.author_id == user)),
+            "users": await count(select(func.count()).select_from(UserRow)
+                                 .where(UserRow.user_id == user)),
+            "usage": await count(select(func.count()).select_from(UsageRow)
+                                 .where(UsageRow.user_id == user)),
+            "links": await count(select(func.count()).select_from(PlatformMessageRow)),
+        }
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def any_engine(request: pytest.FixtureRequest,
+                     settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """A SQLite file or a real PostgreSQL server (where the reply's insert would fail)."""
+    if request.param == "sqlite":
+        url = settings.database_url
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        url = server.create_database()
+    engine = create_engine(url)
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
+async def test_forget_while_a_reply_streams_ends_it_quietly(
+        any_engine: AsyncEngine, generator: ScriptedGenerator, settings: Settings,
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with DialogueManager(store=SqlStore(any_engine), generator=generator,
+                               settings=settings, commands=builtin_commands()) as manager:
+        await forget_while_streaming(manager, generator, any_engine, caplog)
+
+
+async def forget_while_streaming(manager: DialogueManager, generator: ScriptedGenerator,
+                                 engine: AsyncEngine,
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    generator.gate = asyncio.Event()
+    sink = RecordingSink()
+    asked = manager.submit(dm("my secret question", user="u6"), sink)
+    await wait_running(generator)  # the reply to u6 is being generated
+    forgetting = manager.submit(dm("/forget", user="u6"), sink)
+    await asyncio.wait_for(forgetting.accepted, 5)
+    assert (await rows_about(engine, "u6"))["messages"] == 0  # gone while the reply runs
+    generator.gate.set()
+    await asyncio.wait_for(asyncio.gather(asked, forgetting), 10)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any(t.startswith("Done: I deleted") for t in sink.texts), sink.texts
+    assert await rows_about(engine, "u6") == {"messages": 0, "users": 0, "usage": 0,
+                                              "links": 0}
+    await manager.handle(dm("hello again", user="u6"), sink)
+    assert sink.texts[-1] == "hello again"
+    assert (await rows_about(engine, "u6"))["messages"] == 2
+
+
 async def test_unknown_command_gets_a_hint_in_direct_chats(manager: DialogueManager) -> None:
     sink = RecordingSink()
     await manager.handle(dm("/frobnicate"), sink)
@@ -143,12 +213,21 @@ async def test_unknown_command_gets_a_hint_in_direct_chats(manager: DialogueMana
     assert len(sink.texts) == 1  # not addressed in a group: ignored
 
 
-async def test_help_lists_every_command(manager: DialogueManager) -> None:
+_WHO_MAY = {Access.EVERYONE: "", Access.ADMIN: " (admins)",
+            Access.ADMIN_IN_GROUPS: " (admins in groups)"}
+
+
+@pytest.mark.parametrize("message", [dm("/help", user="admin1"), dm("/help", user="mallory"),
+                                     group("/help", user="mallory")],
+                         ids=["admin", "member", "member-in-group"])
+async def test_help_lists_every_command(manager: DialogueManager, message: object) -> None:
     sink = RecordingSink()
-    await manager.handle(dm("/help"), sink)
-    for command in builtin_commands():
-        assert f"/{command.name}" in sink.texts[0]
-    assert Access.ADMIN.value in sink.texts[0] or "(admins)" in sink.texts[0]
+    await manager.handle(message, sink)  # type: ignore[arg-type]
+    [help_text] = sink.texts
+    command_lines = [line for line in help_text.splitlines() if line.startswith("/")]
+    expected = [f"{c.usage} — {c.description}{_WHO_MAY[c.access]}" for c in builtin_commands()]
+    assert sorted(command_lines) == sorted(expected)
+    assert all(c.description for c in builtin_commands())  # each says what it does
 
 
 async def test_listen_makes_a_group_answer_every_message(manager: DialogueManager,

@@ -3,11 +3,14 @@ users cost nothing, and secrets never reach the logs."""
 
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.cli import redact
+from bot.config import load_settings
 from bot.dialogue import DialogueManager
 from bot.generators import ChatMessage
 from storage.models import UserRow
@@ -17,6 +20,7 @@ from tests.auxil.discord_api import DiscordEmulator
 from tests.auxil.factories import dm, group
 from tests.auxil.generators import ScriptedGenerator
 from tests.auxil.openai_api import FakeOpenAI
+from tests.auxil.postgres import PostgresServer
 from tests.auxil.process import chinwag, serve_until_sigterm
 from tests.auxil.sinks import RecordingSink
 from tests.auxil.telegram_api import TelegramEmulator
@@ -124,6 +128,50 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
                                  "CHINWAG_DATA_DIR": str(tmp_path)}, timeout=60)
     assert failed.returncode != 0
     assert telegram.token not in failed.stdout + failed.stderr
+
+
+DB_PASSWORD = "pg-P@ss/w0rd:SECRET-42"
+"""Characters a URL must escape, so it is written one way and meant another."""
+
+
+def password_forms() -> list[str]:
+    return [DB_PASSWORD, quote(DB_PASSWORD, safe=""), "SECRET-42"]
+
+
+def test_the_database_password_is_blanked_however_it_is_written() -> None:
+    url = f"postgresql+asyncpg://chinwag:{quote(DB_PASSWORD, safe='')}@db.example:5432/bot"
+    settings = load_settings(database_url=url)
+    # An error that names the database URL as it was given: no form of the password shows.
+    shown = redact(f"cannot reach the database at {url}", settings.secrets())
+    assert not any(form in shown for form in password_forms()), shown
+
+
+async def test_database_password_never_reaches_the_logs(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    # The test server trusts every local connection, so any password is accepted.
+    database = postgres_server.create_database().rsplit("/", 1)[1]
+    root = f"postgresql+asyncpg://chinwag:{quote(DB_PASSWORD, safe='')}@127.0.0.1"
+    url = f"{root}:{postgres_server.port}/{database}"
+    async with TelegramEmulator() as telegram:
+        telegram.fail("sendMessage", 502, "Bad Gateway")
+
+        async def scenario() -> None:
+            telegram.push_text("hello postgres", chat=12, user=12)
+            await telegram.wait_for(lambda: telegram.final_text(12) == ["hello postgres"],
+                                    timeout=60)
+
+        log = await serve_until_sigterm({
+            "CHINWAG_TELEGRAM_TOKEN": telegram.token, "CHINWAG_TELEGRAM_API_URL": telegram.url,
+            "CHINWAG_DATABASE_URL": url, "CHINWAG_LOG_LEVEL": "DEBUG",
+        }, tmp_path, scenario)
+    assert "answered" in log and "postgresql" in log  # at DEBUG, the database was named
+    # Failures on the way in: a database that does not exist, a server that is not there.
+    failures = [chinwag("-v", "db", "upgrade", env={"CHINWAG_DATABASE_URL": bad}, timeout=60)
+                for bad in (f"{root}:{postgres_server.port}/no_such_database",
+                            f"{root}:1/{database}")]
+    assert all(failed.returncode != 0 for failed in failures)
+    for output in [log, *(f.stdout + f.stderr for f in failures)]:
+        assert not any(form in output for form in password_forms()), output
 
 
 @pytest.fixture(autouse=True)

@@ -62,3 +62,37 @@ def test_block_opened_right_before_the_limit_still_makes_progress() -> None:
     parts = split_text(text, 80)
     assert all(len(p) <= 80 for p in parts)
     assert normalized("\n".join(parts)) == normalized(text)
+
+
+def test_tilde_block_is_closed_and_reopened_with_tildes() -> None:
+    code = "~~~python\n" + "\n".join(f"value_{i} = {i}" for i in range(60)) + "\n~~~"
+    parts = split_text(code, 300)
+    assert len(parts) > 2
+    assert all(p.startswith("~~~python\n") for p in parts)
+    assert all(p.endswith("\n~~~") for p in parts)
+
+
+def test_long_fence_is_closed_with_one_as_long() -> None:
+    # A block opened with four backticks may hold ``` lines; three would not close it.
+    lines = [f"line {i}" if i % 5 else "```" for i in range(80)]
+    code = "````md\n" + "\n".join(lines) + "\n````"
+    parts = split_text(code, 200)
+    assert len(parts) > 2
+    for part in parts:
+        assert part.startswith("````md\n") and part.endswith("\n````"), part
+    assert normalized("\n".join(parts)) == normalized(code)
+
+
+def test_fence_line_with_info_inside_a_block_is_content() -> None:
+    # "```py" inside a block does not close it (a closing fence has no info string), so a
+    # cut after it is still inside the block and closes it.
+    text = "```\n" + "first\n```py\n" + "\n".join(f"x{i}" for i in range(40)) + "\n```"
+    parts = split_text(text, 60)
+    assert all(p.startswith("```") and p.endswith("\n```") for p in parts), parts
+
+
+def test_deeply_indented_fence_is_not_a_fence() -> None:
+    # Four spaces at the top level make indented code, not a fence: nothing to close.
+    text = "    ```\n" + "\n".join(f"word{i}" for i in range(40))
+    parts = split_text(text, 60)
+    assert not any(p.rstrip().endswith("```") for p in parts), parts

@@ -89,3 +89,28 @@ def test_pacer_respects_flood_control_and_forgets_idle_chats() -> None:
     for _ in range(256):
         pacer.record(-1)
     assert pacer.tracked_chats == 1
+
+
+@pytest.mark.parametrize(("markdown", "text", "types"), [
+    ("***x***", "x", ["i", "b"]),
+    ("**bold *italic***", "bold italic", ["b", "i"]),
+    ("___x___", "x", ["i", "b"]),
+    ("~~~\ncode **x**\n~~~\nafter", "code **x**\nafter", ["pre"]),
+    ("~~~python\nprint(1)\n~~~", "print(1)", ["code", "pre"]),
+    # A fence line with info text inside a block is content; only a bare fence closes.
+    ("```\na\n```py\nb\n```\nafter", "a\n```py\nb\nafter", ["pre"]),
+    ("````\na\n```\nb\n````", "a\n```\nb", ["pre"]),
+    ("~~~\na\n```\nb\n~~~", "a\n```\nb", ["pre"]),
+    # Up to three spaces of indent, relative to the list item the fence is in.
+    ("   ```\ncode\n   ```", "code", ["pre"]),
+    ("1. Run:\n    ```sh\n    ls -l\n    ```", "1. Run:\nls -l", ["code", "pre"]),
+])
+def test_fences_follow_commonmark(markdown: str, text: str, types: list[str]) -> None:
+    assert shown(markdown) == (text, types)
+
+
+def test_link_url_with_parentheses_keeps_its_last_character() -> None:
+    url = "https://en.wikipedia.org/wiki/Python_(programming_language)"
+    text, entities = _TelegramHtml().parse(to_html(f"See [Python]({url}) now."))
+    assert text == "See Python now."
+    assert [(e["type"], e.get("href")) for e in entities] == [("a", url)]

@@ -10,11 +10,15 @@ from __future__ import annotations
 import re
 from html import escape, unescape
 
-_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[ \t]*$")
+from bot.fences import Kind, classify
+
+_LANGUAGE = re.compile(r"[\w+#.-]+")
 _INLINE = re.compile(
     r"(?P<tick>`+)(?P<code>[^\n]+?)(?P=tick)"
-    r"|\[(?P<label>[^\]\n]+)\]\((?P<url>https?://[^\s)]+)\)"
-    r"|\*\*(?P<bold>(?=\S)[^\n]+?(?<=\S))\*\*"
+    # A URL may hold parentheses in pairs, as Wikipedia's do (CommonMark allows them).
+    r"|\[(?P<label>[^\]\n]+)\]\((?P<url>https?://(?:[^\s()]|\([^\s()]*\))+)\)"
+    # A closing ** followed by a third * leaves that one to an italic inside: ***x***.
+    r"|\*\*(?P<bold>(?=\S)[^\n]+?(?<=\S))\*\*(?!\*)"
     r"|(?<![\w_])__(?P<bold2>(?=\S)[^\n]+?(?<=\S))__(?![\w_])"
     r"|~~(?P<strike>(?=\S)[^\n]+?(?<=\S))~~"
     r"|(?<![\w*])\*(?P<italic>(?=[^\s*])[^\n*]*?(?<=[^\s*]))\*(?![\w*])"
@@ -37,32 +41,39 @@ def visible_text(html: str) -> str:
 
 
 def to_html(markdown: str) -> str:
-    out: list[str] = []
+    segments: list[str] = []  # prose runs and code blocks, one line break apart
     prose: list[str] = []
-    lines = markdown.split("\n")
-    index = 0
-    while index < len(lines):
-        opening = _FENCE.match(lines[index])
-        if opening is None:
-            prose.append(lines[index])
-            index += 1
-            continue
-        end = index + 1
-        while end < len(lines) and not _FENCE.match(lines[end]):
-            end += 1
-        if prose:
-            out.append(_prose(prose) + "\n")
-            prose = []
-        code = escape("\n".join(lines[index + 1:end]), quote=False)
-        language = opening.group(1)
-        out.append(f'<pre><code class="language-{escape(language)}">{code}</code></pre>'
-                   if language else f"<pre>{code}</pre>")
-        index = end + 1  # an unclosed fence runs to the end, as it would in Markdown
-        if index < len(lines):
-            out.append("\n")
-    if prose:
-        out.append(_prose(prose))
-    return "".join(out)
+    code: list[str] | None = None
+    language = ""
+    for line in classify(markdown.split("\n")):
+        if line.kind is Kind.PROSE:
+            prose.append(line.text)
+        elif line.kind is Kind.OPENING:
+            assert line.fence is not None
+            if prose:
+                segments.append(_prose(prose))
+                prose = []
+            code = []
+            language = line.fence.language if _LANGUAGE.fullmatch(line.fence.language) else ""
+        elif line.kind is Kind.CODE:
+            assert code is not None
+            code.append(line.text)
+        else:
+            assert code is not None
+            segments.append(_block(code, language))
+            code = None
+    if code is not None:  # an unclosed fence runs to the end, as it does in Markdown
+        segments.append(_block(code, language))
+    elif prose:
+        segments.append(_prose(prose))
+    return "\n".join(segments)
+
+
+def _block(lines: list[str], language: str) -> str:
+    code = escape("\n".join(lines), quote=False)
+    if language:
+        return f'<pre><code class="language-{escape(language)}">{code}</code></pre>'
+    return f"<pre>{code}</pre>"
 
 
 def _prose(lines: list[str]) -> str:
