@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from bot.config import Settings, load_settings
 from bot.dialogue import DialogueManager
 from bot.errors import ConfigError, GenerationError
 from bot.generators import ChatMessage, GenerationParams
-from bot.generators.openai_compat import OpenAIGenerator, local_counter
+from bot.generators.openai_compat import MAX_ATTEMPTS, OpenAIGenerator, local_counter
 from bot.generators.tokens import EstimateCounter
 from storage.repository import SqlStore
 from tests.auxil.factories import dm
@@ -60,13 +61,63 @@ async def test_streams_the_reply_and_sends_the_conversation(server: FakeOpenAI,
     assert request["_auth"] == "Bearer sk-test"
 
 
-async def test_busy_and_failing_servers_are_retried_before_the_first_token(
-        server: FakeOpenAI, client: OpenAIGenerator) -> None:
-    server.then(status=429, retry_after=0.2)
+def gaps(server: FakeOpenAI) -> list[float]:
+    """Seconds between one request's arrival and the next."""
+    return [later - earlier for earlier, later in itertools.pairwise(server.arrivals)]
+
+
+async def test_server_errors_are_retried_with_backoff(server: FakeOpenAI,
+                                                      client: OpenAIGenerator) -> None:
     server.then(status=500)
     server.then(status=503)
+    server.then(status=429, retry_after=0.1)
     assert await collect(client) == server.reply
     assert len(server.requests) == 4
+    first, second, hinted = gaps(server)
+    # Without a hint the client pauses, and pauses longer each time ...
+    assert first >= 0.25 and second >= 1.5 * first
+    # ... and a Retry-After shorter than the backoff is taken at its word,
+    assert 0.1 <= hinted < second
+    # as is one longer than the first backoff (0.5 s).
+    server.then(status=429, retry_after=1.2)
+    assert await collect(client) == server.reply
+    assert gaps(server)[-1] >= 1.2
+
+
+async def test_an_error_event_before_the_first_token_is_retried(
+        server: FakeOpenAI, client: OpenAIGenerator) -> None:
+    server.then(error_after=0, detail="the server is busy")
+    server.then(error_after=0, detail="the server is busy")
+    assert await collect(client) == server.reply
+    assert len(server.requests) == 3
+    assert all(gap >= 0.25 for gap in gaps(server))  # spaced out, not a hot loop
+
+
+async def test_a_server_that_keeps_failing_inside_the_stream_gives_a_clear_error(
+        server: FakeOpenAI, client: OpenAIGenerator) -> None:
+    for _ in range(MAX_ATTEMPTS):
+        server.then(error_after=0, detail="overloaded")
+    with pytest.raises(GenerationError, match="overloaded"):
+        await collect(client)
+    assert len(server.requests) == MAX_ATTEMPTS
+
+
+async def test_an_error_event_after_the_first_token_is_an_error_not_a_retry(
+        server: FakeOpenAI, client: OpenAIGenerator) -> None:
+    server.then(error_after=2, detail="the model crashed")
+    with pytest.raises(GenerationError, match="the model crashed"):
+        await collect(client)
+    assert len(server.requests) == 1  # the user saw part of it: no second answer
+
+
+async def test_a_stream_cut_while_text_is_held_back_starts_again_clean(
+        server: FakeOpenAI, client: OpenAIGenerator) -> None:
+    # "Hello" could be the start of the stop string, so it is held back, not shown; when
+    # the stream is then cut, the retry must not put the held-back text twice.
+    params = GenerationParams(max_new_tokens=64, temperature=0.0, stop=("Hello!",))
+    server.then(cut_after=1)
+    assert await collect(client, params) == server.reply
+    assert len(server.requests) == 2
 
 
 async def test_a_server_that_stays_busy_gives_a_clear_error(server: FakeOpenAI,

@@ -1,7 +1,8 @@
 """Any OpenAI-compatible server (vLLM, TGI, Ollama, ``transformers serve``, ``chinwag
 serve``) as a generator: streaming chat completions over one pooled HTTP client.
 
-Faults before the first token (429, 5xx, a refused connection) are retried with backoff,
+Faults before the first token (429, 5xx, a refused connection, an ``{"error": ...}`` event
+inside a 200 stream, as some servers report being busy) are retried with backoff,
 honouring ``Retry-After``; after the first token there is no retrying (the user has seen
 part of the reply), so a cut stream or a stall becomes a clear ``GenerationError``.
 """
@@ -9,9 +10,11 @@ part of the reply), so a cut stream or a stall becomes a clear ``GenerationError
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -32,6 +35,13 @@ CHUNK_TIMEOUT_S = 60.0
 """Longest wait for the next piece of a stream (or the first, while a server is busy)."""
 POOL = httpx.Limits(max_connections=256, max_keepalive_connections=64)
 _RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """An ``{"error": ...}`` event in a stream: the server failed after answering 200."""
+
+    message: str
 
 
 def local_counter(model: str) -> TokenCounter:
@@ -123,17 +133,24 @@ class OpenAIGenerator:
         if self._client is None:
             raise GenerationError("the model server client is not open")
         emitted = ""
-        held = ""
         for attempt in range(MAX_ATTEMPTS):
             body = self._request(messages, params)
+            # Retries happen only while nothing is shown, so text held back by a failed
+            # attempt was never the user's: each attempt starts from what they saw.
+            held = ""
             try:
                 async with self._client.stream("POST", "/chat/completions",
-                                               json=body) as response:
+                                               json=body) as response, \
+                        contextlib.aclosing(self._pieces(response)) as pieces:
                     if response.status_code != 200:
                         delay = await self._refusal(response, attempt)
                         await asyncio.sleep(delay)
                         continue
-                    async for piece in self._pieces(response):
+                    failure: ErrorEvent | None = None
+                    async for piece in pieces:
+                        if isinstance(piece, ErrorEvent):
+                            failure = piece
+                            break
                         text, stopped = cut_at_stop(emitted + held + piece, params.stop)
                         # Hold back what may be the start of a stop string.
                         ready = len(text) - (0 if stopped else held_back(text, params.stop))
@@ -143,9 +160,12 @@ class OpenAIGenerator:
                         held = text[len(emitted):]
                         if stopped:
                             return
-                    if held:
-                        yield held
-                    return
+                    if failure is None:
+                        if held:
+                            yield held
+                        return
+                # Waited out with the failed stream closed, not holding its connection.
+                await asyncio.sleep(self._failed_stream(failure, attempt, emitted))
             except httpx.TimeoutException as exc:
                 if emitted or attempt == MAX_ATTEMPTS - 1:
                     raise GenerationError("the model server stopped answering") from exc
@@ -180,8 +200,19 @@ class OpenAIGenerator:
         logger.info("model server answered %s; retrying in %s s", status, delay)
         return min(delay, MAX_RETRY_AFTER_S)
 
-    async def _pieces(self, response: httpx.Response) -> AsyncIterator[str]:
-        """The content pieces of a server-sent-events stream; ends at ``[DONE]``."""
+    def _failed_stream(self, event: ErrorEvent, attempt: int, emitted: str) -> float:
+        """How long to wait before retrying a stream that reported an error; raises if the
+        user has seen part of the reply or this was the last attempt."""
+        if emitted or attempt == MAX_ATTEMPTS - 1:
+            raise GenerationError(f"the model server failed: {event.message}")
+        delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+        logger.info("model server reported an error before the first token (%s); "
+                    "retrying in %s s", event.message, delay)
+        return delay
+
+    async def _pieces(self, response: httpx.Response) -> AsyncGenerator[str | ErrorEvent, None]:
+        """The content pieces of a server-sent-events stream; ends at ``[DONE]`` or after
+        an ``ErrorEvent``."""
         finished = False
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
@@ -194,7 +225,10 @@ class OpenAIGenerator:
             except ValueError as exc:
                 raise GenerationError("the model server sent a malformed stream") from exc
             if "error" in chunk:
-                raise GenerationError(f"the model server failed: {chunk['error']}")
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else None
+                yield ErrorEvent(str(message or error)[:500])
+                return
             for choice in chunk.get("choices") or ():
                 content = (choice.get("delta") or {}).get("content")
                 if content:

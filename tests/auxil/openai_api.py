@@ -1,10 +1,12 @@
 """A loopback OpenAI-compatible chat-completions server for fault tests: it streams a
-scripted reply as server-sent events and can refuse, cut a stream short or hang."""
+scripted reply as server-sent events and can refuse, cut a stream short, report an error
+inside the stream or hang."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,9 @@ class Behaviour:
     """Close the connection after this many chunks, without [DONE]."""
     hang: float = 0.0
     """Seconds to stall after the first chunk."""
+    error_after: int | None = None
+    """Send an ``{"error": ...}`` event after this many chunks (0: before the first) and end
+    the stream, as servers that report a failure inside a 200 stream do."""
     detail: str = "refused"
 
 
@@ -35,6 +40,8 @@ class FakeOpenAI:
     """Seconds between chunks (a slow model streams for a while)."""
     api_key: str | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    """``time.monotonic()`` at each request's arrival, to see how retries are spaced."""
     running: int = 0
     max_running: int = 0
     _script: deque[Behaviour] = field(default_factory=deque)
@@ -57,6 +64,7 @@ class FakeOpenAI:
         self._script.append(Behaviour(**behaviour))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
+        self.arrivals.append(time.monotonic())
         body = await request.json()
         body["_auth"] = request.headers.get("Authorization")
         self.requests.append(body)
@@ -80,6 +88,11 @@ class FakeOpenAI:
                 if behaviour.cut_after is not None and number >= behaviour.cut_after:
                     assert request.transport is not None
                     request.transport.close()
+                    return response
+                if behaviour.error_after is not None and number >= behaviour.error_after:
+                    error = {"error": {"message": behaviour.detail, "type": "server_error"}}
+                    await response.write(f"data: {json.dumps(error)}\n\n".encode())
+                    await response.write_eof()
                     return response
                 event = {"id": "c1", "object": "chat.completion.chunk", "model": body["model"],
                          "choices": [{"index": 0, "delta": {"content": chunk},
