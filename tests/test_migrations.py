@@ -4,24 +4,33 @@ before a migration changes it."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import Connection, MetaData, Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.config import Settings
 from bot.errors import StorageError
+from bot.store import NewUserMessage
 from storage import migrate
+from storage.backup import copies_of
 from storage.engine import create_engine
 from storage.migrate import downgrade, head_revision, upgrade
+from storage.repository import SqlStore
 from tests.auxil.postgres import PostgresServer
-from tests.auxil.process import chinwag
+from tests.auxil.process import ROOT, chinwag
 
 EARLIER = ["0001", "0002", "0003", "0004", "0005"]
 """Every revision before the head."""
@@ -204,9 +213,14 @@ async def test_the_migration_gives_sqlite_connections_their_foreign_keys_back(
         await engine.dispose()
 
 
-def backups(folder: Path) -> list[str]:
-    """The names of the copies in ``folder``, and of any copy left half-written."""
+def copies(folder: Path) -> list[str]:
+    """The names of the copies in ``folder`` (and of anything a copy left beside it)."""
     return sorted(p.name for p in folder.iterdir() if ".bak-" in p.name)
+
+
+def revisions(folder: Path) -> list[str]:
+    """The revision each copy in ``folder`` holds, oldest copy first."""
+    return [p.name.split(".bak-")[1].split("-")[0] for p in copies_of(folder / "chinwag.db")]
 
 
 def _counts(path: Path) -> dict[str, int]:
@@ -219,19 +233,26 @@ def _counts(path: Path) -> dict[str, int]:
     return counts
 
 
+async def filled(path: Path, revision: str) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        await upgrade(engine, revision)
+        await fill(engine)
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.parametrize("command", [("db", "upgrade"), ("console",)])
 async def test_db_upgrade_and_start_up_copy_the_file_aside_first(
         tmp_path: Path, command: tuple[str, ...]) -> None:
     path = tmp_path / "chinwag.db"
-    engine = create_engine(f"sqlite+aiosqlite:///{path}")
-    await upgrade(engine, "0004")
-    await fill(engine)
-    await engine.dispose()
+    await filled(path, "0004")
 
     env = {"CHINWAG_DATA_DIR": str(tmp_path), "CHINWAG_GENERATOR": "echo"}
     result = chinwag(*command, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    copy = tmp_path / "chinwag.db.bak-0004"
+    [copy] = copies_of(path)
+    assert copy.name.startswith("chinwag.db.bak-0004-")
     if command == ("db", "upgrade"):
         assert f"database is at revision {head_revision()}" in result.stdout
         assert str(copy) in result.stderr  # the log says where the copy is
@@ -241,34 +262,39 @@ async def test_db_upgrade_and_start_up_copy_the_file_aside_first(
 
     again = chinwag(*command, env=env, timeout=120)  # nothing to migrate, nothing copied
     assert again.returncode == 0, again.stderr
-    assert backups(tmp_path) == ["chinwag.db.bak-0004"]
+    assert copies(tmp_path) == [copy.name]  # and opening the copy left nothing beside it
 
 
-async def test_only_the_last_few_copies_are_kept(tmp_path: Path) -> None:
+async def test_copies_are_never_overwritten_and_the_last_few_are_kept(tmp_path: Path) -> None:
     path = tmp_path / "chinwag.db"
     engine = create_engine(f"sqlite+aiosqlite:///{path}")
     try:
         await upgrade(engine, "0001")  # a new, empty database is not copied
-        assert backups(tmp_path) == []
+        assert copies(tmp_path) == []
         await fill(engine)
         for revision in ["0002", "0003", "0004", "0005"]:
             await upgrade(engine, revision)
         await downgrade(engine, "0004")
+        async with engine.begin() as connection:  # the second copy of 0004 differs
+            await connection.exec_driver_sql("DELETE FROM usage")
+        await upgrade(engine, "0005")
     finally:
         await engine.dispose()
-    kept = backups(tmp_path)
-    assert len(kept) == migrate.KEEP_BACKUPS
-    # The newest: taken before 0003→0004, 0004→0005 and 0005→0004.
-    assert kept == ["chinwag.db.bak-0003", "chinwag.db.bak-0004", "chinwag.db.bak-0005"]
-    assert _counts(tmp_path / "chinwag.db.bak-0005")["messages"] == 4
+    # The newest three: taken before 0004→0005, 0005→0004 and 0004→0005 again.
+    assert len(copies(tmp_path)) == migrate.KEEP_BACKUPS
+    assert revisions(tmp_path) == ["0004", "0005", "0004"]
+    first, down, second = copies_of(path)
+    assert _counts(first)["usage"] == 1 and _counts(second)["usage"] == 0
+    assert _counts(down) == {**_counts(first), "revision": "0005"}
+    assert len(copies(tmp_path)) == migrate.KEEP_BACKUPS  # reading them added no file
 
 
 async def test_a_failed_sqlite_migration_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "chinwag.db"
+    await filled(path, "0002")
     engine = create_engine(f"sqlite+aiosqlite:///{path}")
     try:
         await upgrade(engine, "0003")
-        await fill(engine)
         before = await snapshot(engine)
         # 0004 creates an index, then rebuilds `messages` through this table name.
         async with engine.begin() as connection:
@@ -282,6 +308,114 @@ async def test_a_failed_sqlite_migration_changes_nothing(tmp_path: Path) -> None
             assert (await connection.exec_driver_sql(
                 "SELECT version_num FROM alembic_version")).scalar() == "0003"
         assert await snapshot(engine) == before
+    finally:
+        await engine.dispose()
+    assert revisions(tmp_path) == ["0002"]  # the failed try's copy is not kept
+
+
+async def test_a_migration_that_would_break_references_is_undone(tmp_path: Path) -> None:
+    path = tmp_path / "chinwag.db"
+    await filled(path, "0004")
+
+    def and_lose_a_conversation(config: Config, revision: str) -> None:
+        command.upgrade(config, revision)
+        config.attributes["connection"].exec_driver_sql("DELETE FROM conversations WHERE id = 2")
+
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        before = await snapshot(engine)
+        with pytest.raises(StorageError, match="would break 2 references"):
+            await migrate._migrate(engine, and_lose_a_conversation, "head", up=True)
+        assert await snapshot(engine) == before
+        assert await upgrade(engine, "0004") == "0004"  # still there
+    finally:
+        await engine.dispose()
+    assert copies(tmp_path) == []
+
+
+async def test_a_database_a_newer_release_migrated_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "chinwag.db"
+    await filled(path, "0004")
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        await upgrade(engine)
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+        for _start in range(2):  # a service manager restarting the older release
+            with pytest.raises(StorageError, match=r"newer release.*nothing was changed"):
+                await upgrade(engine)
+        assert revisions(tmp_path) == ["0004"]  # no copy made, the good one kept
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0003'")
+        with pytest.raises(StorageError, match="chinwag db upgrade"):
+            await downgrade(engine, "0005")
+        assert revisions(tmp_path) == ["0004"]
+    finally:
+        await engine.dispose()
+
+
+async def test_going_below_the_first_revision_is_refused(bare: AsyncEngine) -> None:
+    await upgrade(bare)
+    await fill(bare)
+    before = await snapshot(bare)
+    with pytest.raises(StorageError, match="delete every table"):
+        await downgrade(bare, "base")
+    assert await snapshot(bare) == before
+
+
+async def test_a_locked_database_is_one_clear_line_and_no_copy(tmp_path: Path) -> None:
+    path = tmp_path / "chinwag.db"
+    await filled(path, "0004")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process writing
+    engine = create_engine(f"sqlite+aiosqlite:///{path}", sqlite_busy_timeout_ms=200)
+    try:
+        with pytest.raises(StorageError) as raised:
+            await upgrade(engine)
+    finally:
+        holder.rollback()
+        holder.close()
+        await engine.dispose()
+    assert str(raised.value).splitlines() == [
+        "database migration failed: the database is locked: another process (a running "
+        "Chinwag?) is writing to it; stop it and try again"]
+    assert copies(tmp_path) == []
+
+
+def test_two_processes_migrating_at_once_both_succeed_with_one_copy(tmp_path: Path) -> None:
+    path = tmp_path / "chinwag.db"
+    asyncio.run(filled(path, "0004"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update({"CHINWAG_DATA_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)})
+    both = [subprocess.Popen([sys.executable, "-m", "bot", "db", "upgrade"], env=env,
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    for process in both:
+        _out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+    assert revisions(tmp_path) == ["0004"]
+    assert _counts(path)["messages"] == 4
+
+
+async def test_new_ids_after_0006_are_above_a_reset_made_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "chinwag.db"
+    await filled(path, "0005")
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with engine.begin() as connection:
+            # A /reset, then a /forget of the newest messages, before ids were kept.
+            await connection.exec_driver_sql(
+                "UPDATE conversations SET reset_after_id = 10 WHERE id = 1")
+        await upgrade(engine)
+        store = SqlStore(engine)
+        conversation = await store.conversation("telegram:1")
+        admission = await store.add_user_message(NewUserMessage(
+            conversation_id=conversation.id, platform="telegram", author_id="u1",
+            author_name="Ann", platform_message_id="p9", text="after it all", tokens=3,
+            reply_to_platform_id=None))
+        assert admission.message.id > 10
+        context = await store.history(conversation.id, conversation.reset_after_id, 10**9, 9)
+        assert [m.text for m in context] == ["after it all"]
     finally:
         await engine.dispose()
 

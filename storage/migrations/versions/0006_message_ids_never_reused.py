@@ -28,6 +28,13 @@ def _rebuild_messages(autoincrement: bool) -> None:
 
 def upgrade() -> None:
     _rebuild_messages(True)
+    if op.get_bind().dialect.name == "sqlite":
+        # The next id goes above every id ever handed out that is still known: the
+        # newest message's, and a /reset's mark (its messages may have been forgotten).
+        op.execute("INSERT INTO sqlite_sequence (name, seq) SELECT 'messages', 0 "
+                   "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'messages')")
+        op.execute("UPDATE sqlite_sequence SET seq = max(seq, (SELECT coalesce("
+                   "max(reset_after_id), 0) FROM conversations)) WHERE name = 'messages'")
 
 
 def downgrade() -> None:
