@@ -20,6 +20,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/context.py
+	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/generation.py
 	NO_PROXY=127.0.0.1 $(BIN)/python bench/load.py
 

@@ -35,3 +35,13 @@ def test_load_bench_loses_nothing_in_a_small_run() -> None:
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("load: messages=30 ")
     assert " lost=0 " in last and " order_kept=True " in last
+
+
+def test_decode_bench_prints_its_summary_line() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--short", "20",
+                             "--long", "200", "--repeat", "1"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("per_token_20_us=") and " per_token_200_us=" in last
+    assert " ratio=" in last and " full_decode_ratio=" in last

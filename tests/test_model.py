@@ -99,3 +99,49 @@ def test_terminal_chat_answers_and_remembers(tmp_path: Path) -> None:
         "select role, text, tokens from messages order by id").fetchall()
     assert rows[0][:2] == ("user", QUESTION)
     assert rows[1][0] == "assistant" and "Paris" in rows[1][1] and rows[1][2] > 0
+
+
+TRICKY = ["naïve café, façade", "😀👍🏽 and 🇫🇷 flags", "日本語のテキストと中文", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∑ ≠ ∞",
+          "  two  spaces\n\n\ttab and trailing space ", "a😀b日c\u200bd"]
+
+
+def streamed(tokenizer: object, ids: list[int]) -> list[str]:
+    from bot.generators.tokens import ReplyDecoder
+
+    decoder = ReplyDecoder(tokenizer)
+    return [decoder.step(token) for token in ids] + [decoder.finish()]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_incremental_decoding_equals_the_full_decode(
+        model: TransformersGenerator) -> None:
+    import random
+
+    tokenizer = model._tokenizer
+    cases = [tokenizer.encode(text, add_special_tokens=False) for text in TRICKY]
+    emoji = tokenizer.encode(" 😀", add_special_tokens=False)
+    assert len(emoji) > 1  # byte-level pieces of one character
+    cases.append([*cases[0], *emoji[:-1]])  # ends in half a character
+    cases.append([*emoji[1:], *cases[2]])  # starts with the tail of one
+    cases.append([*cases[1][:3], tokenizer.convert_tokens_to_ids("<|im_end|>"), *cases[3]])
+    rng = random.Random(11)
+    cases += [[rng.randrange(len(tokenizer)) for _ in range(60)] for _ in range(30)]
+    for ids in cases:
+        pieces = streamed(tokenizer, ids)
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True), ids
+        # Streamed piece by piece, not all at the end.
+        assert sum(1 for piece in pieces[:-1] if piece) > len(ids) // 4, ids
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_stop_string_ends_the_stream_and_is_never_shown(
+        model: TransformersGenerator) -> None:
+    messages = [ChatMessage("system", "You are a helpful assistant."),
+                ChatMessage("user", QUESTION)]
+    greedy = GenerationParams(max_new_tokens=24, temperature=0.0)
+    full = "".join([piece async for piece in model.stream(messages, greedy)])
+    assert "Paris" in full
+    stop = GenerationParams(max_new_tokens=24, temperature=0.0, stop=("Paris", "XYZ"))
+    pieces = [piece async for piece in model.stream(messages, stop)]
+    assert "".join(pieces) == full[:full.index("Paris")]
+    assert not any("Par" in piece for piece in pieces)

@@ -1,4 +1,6 @@
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,35 @@ def test_converted_cache_folder_changes_with_the_file(tmp_path: Path) -> None:
     first = model_files._cache_folder(source, tmp_path / "cache")
     gguf.write_bytes(b"two, longer")
     assert model_files._cache_folder(source, tmp_path / "cache") != first
+
+
+LOAD_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+from pathlib import Path
+import torch
+from bot.config import BUILTIN_MODEL
+from bot.errors import ModelUnavailable
+from bot.generators import model_files
+cache = Path(sys.argv[2])
+model_files.local_weights(model_files.resolve(BUILTIN_MODEL), cache)  # convert, unlimited
+pages = int(open("/proc/self/statm").read().split()[0])
+room = pages * resource.getpagesize() + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (room, resource.RLIM_INFINITY))
+try:
+    model_files.load(BUILTIN_MODEL, cache, "cpu", torch.float32)
+except ModelUnavailable as exc:
+    print("ModelUnavailable:", exc)
+"""
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("room_mb", [300, 700])  # fails allocating; fails mapping the file
+def test_running_out_of_memory_while_loading_is_model_unavailable(room_mb: int) -> None:
+    # A real limit on a real process: the 540 MB of weights do not fit in the room left.
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_UNDER_A_MEMORY_LIMIT, str(room_mb),
+         str(Path("~/.cache/chinwag").expanduser())],
+        capture_output=True, text=True, timeout=300, check=False,
+        cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.startswith("ModelUnavailable: not enough memory to load model"), \
+        result.stdout + result.stderr[-2000:]

@@ -4,6 +4,7 @@ alone and batched, cancellation, the queue limit, chunked prefill."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,9 +12,12 @@ import pytest
 import pytest_asyncio
 
 from bot.config import BUILTIN_MODEL
+from bot.errors import Busy, GenerationError
 from bot.generators import ChatMessage, GenerationParams
 from bot.generators.huggingface import TransformersGenerator
-from bot.errors import Busy
+from bot.generators.scheduler import BatchScheduler, Request, eos_ids
+from bot.generators.workers import WorkerPool
+from tests.auxil.waiting import until
 
 pytestmark = pytest.mark.model
 
@@ -139,11 +143,9 @@ async def test_worker_processes_give_the_same_greedy_replies(
         await anext(stream)
         await stream.aclose()
         pool = pooled.scheduler
-        for _ in range(300):
-            if not pool._emits:  # type: ignore[union-attr]
-                break
-            await asyncio.sleep(0.01)
-        assert not pool._emits  # type: ignore[union-attr]
+        assert isinstance(pool, WorkerPool)
+        await until(lambda: not pool._where, "the cancelled request to end", within=3)
+        assert all(worker.load == 0 for worker in pool._workers)
 
 
 class _RunsOutOfMemory:
@@ -190,3 +192,58 @@ async def test_out_of_memory_fails_the_batch_clearly_and_the_next_request_works(
             break
         await asyncio.sleep(0.01)
     assert not scheduler._rows and scheduler._count == 0  # type: ignore[union-attr]
+
+
+def own_scheduler(model: TransformersGenerator, **limits: float) -> BatchScheduler:
+    """A second scheduler on the loaded model, so the module's one stays sound."""
+    assert isinstance(model.scheduler, BatchScheduler)
+    real = model.scheduler._model
+    scheduler = BatchScheduler(real, eos_ids=eos_ids(real), **limits)  # type: ignore[arg-type]
+    scheduler.start()
+    return scheduler
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_scheduler_whose_thread_died_is_unhealthy_and_ends_its_requests(
+        model: TransformersGenerator) -> None:
+    assert model.health() is None
+    scheduler = own_scheduler(model)
+    assert scheduler.health() is None
+    prompt = model.prompt_ids(ask(QUESTIONS[0]))
+
+    def broken(item: object) -> None:  # an emit that fails, as one on a closed loop does
+        raise RuntimeError("Event loop is closed")
+
+    outcomes: list[object] = []
+    scheduler.submit(Request(prompt, greedy(8), broken))
+    scheduler.submit(Request(prompt, greedy(8), outcomes.append))
+    await until(lambda: scheduler._thread is not None and not scheduler._thread.is_alive(),
+                "the thread to end", within=30)
+    assert "died" in (scheduler.health() or "")
+    # The request that shared its batch is told instead of waiting forever.
+    assert isinstance(outcomes[-1], GenerationError)
+    with pytest.raises(GenerationError, match="not running"):
+        scheduler.submit(Request(prompt, greedy(8), outcomes.append))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_scheduler_that_stops_stepping_with_work_is_unhealthy_until_it_steps(
+        model: TransformersGenerator) -> None:
+    scheduler = own_scheduler(model, stall_after=0.3)
+    release, stuck = threading.Event(), threading.Event()
+
+    def slow(item: object) -> None:  # holds the scheduler thread, as a hung step would
+        stuck.set()
+        release.wait()
+
+    scheduler.submit(Request(model.prompt_ids(ask(QUESTIONS[1])), greedy(4), slow))
+    try:
+        await until(stuck.is_set, "the first token", within=30)
+        await until(lambda: scheduler.health() is not None, "unhealthy", within=10)
+        assert "not stepped" in (scheduler.health() or "")
+    finally:
+        release.set()
+    await until(lambda: scheduler._count == 0, "the request to finish", within=30)
+    assert scheduler.health() is None
+    scheduler.stop()
+    assert scheduler.health() is not None

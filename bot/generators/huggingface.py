@@ -2,28 +2,31 @@
 
 The model is run by a continuous-batching scheduler thread (``scheduler.py``), so no
 forward pass ever runs on the event loop and concurrent conversations share each step.
-The tokenizer is only used on the event-loop thread (fast tokenizers are not safe to share
-across threads): the scheduler streams token ids back and the loop decodes them.
+The scheduler streams token ids back and the loop decodes them incrementally, at a cost
+per token that does not grow with the reply. Prompts are rendered and tokenized on a
+thread of their own with a tokenizer of its own (a fast tokenizer is not safe to share
+between threads), so a long history does not hold up the loop either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from bot.errors import GenerationError, ModelUnavailable
 from bot.generators import model_files
-from bot.generators.base import ChatMessage, GenerationParams, cut_at_stop, held_back
+from bot.generators.base import ChatMessage, GenerationParams
 from bot.generators.scheduler import BatchScheduler, Request, eos_ids
-from bot.generators.tokens import TemplateCounter
+from bot.generators.tokens import ReplyText, TemplateCounter
 from bot.generators.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
-
 
 
 def pick_device(setting: str) -> tuple[str, Any]:
@@ -55,6 +58,8 @@ class TransformersGenerator:
         self._limits = {"max_sequences": max_sequences, "max_queued": max_queued,
                         "prefill_chunk": prefill_chunk}
         self._tokenizer: Any = None
+        self._prompt_tokenizer: Any = None
+        self._prompts: ThreadPoolExecutor | None = None
         self._config: Any = None
         self._counter: TemplateCounter | None = None
         self._scheduler: BatchScheduler | WorkerPool | None = None
@@ -76,6 +81,8 @@ class TransformersGenerator:
             self._scheduler = BatchScheduler(model, eos_ids=eos_ids(model), **self._limits)
             self._scheduler.start()
         self._counter = TemplateCounter(self._tokenizer, self._model_name)
+        self._prompt_tokenizer = copy.deepcopy(self._tokenizer)
+        self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chinwag-prompts")
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -83,13 +90,18 @@ class TransformersGenerator:
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
             self._scheduler = None
+        if self._prompts is not None:
+            self._prompts.shutdown(wait=False, cancel_futures=True)
+            self._prompts = None
 
     @property
     def scheduler(self) -> BatchScheduler | WorkerPool | None:
         return self._scheduler
 
     def health(self) -> str | None:
-        return None
+        if self._scheduler is None:
+            return "the model is not loaded"
+        return self._scheduler.health()
 
     @property
     def context_window(self) -> int | None:
@@ -110,14 +122,16 @@ class TransformersGenerator:
         return self._counter.truncate(text, max_tokens)
 
     def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        rendered = self._tokenizer.apply_chat_template(
+        """The prompt's token ids. Blocking (the template and the tokenizer take
+        milliseconds per thousand tokens): ``stream`` calls it on its own thread."""
+        rendered = self._prompt_tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(rendered["input_ids"])
 
     async def stream(self, messages: Sequence[ChatMessage], params: GenerationParams, *,
                      ignore_eos: bool = False) -> AsyncIterator[str]:
-        if self._scheduler is None:
+        if self._scheduler is None or self._prompts is None:
             raise GenerationError("the model is not loaded")
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | BaseException | None] = asyncio.Queue()
@@ -125,29 +139,20 @@ class TransformersGenerator:
         def emit(item: int | BaseException | None) -> None:
             loop.call_soon_threadsafe(tokens.put_nowait, item)
 
-        request = Request(self.prompt_ids(messages), params, emit, ignore_eos=ignore_eos)
+        prompt = await loop.run_in_executor(self._prompts, self.prompt_ids, messages)
+        request = Request(prompt, params, emit, ignore_eos=ignore_eos)
         self._scheduler.submit(request)  # raises Busy at once when full
-        generated: list[int] = []
-        emitted = ""
-        text, stopped = "", False
+        reply = ReplyText(self._tokenizer, params.stop)
         try:
-            while (item := await tokens.get()) is not None:
+            while not reply.stopped:
+                item = await tokens.get()
                 if isinstance(item, BaseException):
                     raise item
-                generated.append(item)
-                text = self._tokenizer.decode(generated, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # half of a multi-byte character
-                    continue
-                text, stopped = cut_at_stop(text, params.stop)
-                # Hold back what may be the start of a stop string.
-                ready = text[:len(text) - (0 if stopped else held_back(text, params.stop))]
-                if ready.startswith(emitted) and len(ready) > len(emitted):
-                    yield ready[len(emitted):]
-                    emitted = ready
-                if stopped:
+                piece = reply.end() if item is None else reply.add(item)
+                if piece:
+                    yield piece
+                if item is None:
                     break
-            if not stopped and text.startswith(emitted) and len(text) > len(emitted):
-                yield text[len(emitted):]  # the held-back tail was no stop string after all
         finally:
             # Closing the stream early (a stop string, timeout, shutdown) frees the slot at
             # the scheduler's next step.

@@ -138,9 +138,26 @@ def load(model: str, cache_dir: Path, device: str, dtype: Any) -> tuple[Any, Any
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         lm: Any = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        lm.to(device)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"cannot load model {model!r}: {exc}") from exc
-    lm.to(device)
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise ModelUnavailable(f"not enough memory to load model {model!r} on {device}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else 'MemoryError'}"
+                               ) from exc
     lm.eval()
     logger.info("model %s loaded on %s (%s)", source.label, device, dtype)
     return tokenizer, lm
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of memory: Python's ``MemoryError``, or torch's,
+    which is a ``RuntimeError`` (``torch.OutOfMemoryError`` on a GPU, "can't allocate
+    memory" from its CPU allocator, "Cannot allocate memory" when mapping the weights)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(sign in text for sign in ("out of memory", "can't allocate memory",
+                                         "cannot allocate memory"))

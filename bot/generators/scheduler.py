@@ -19,6 +19,7 @@ import inspect
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,11 @@ from bot.errors import Busy, GenerationError
 from bot.generators.base import GenerationParams
 
 logger = logging.getLogger(__name__)
+
+STALL_AFTER_S = 10.0
+"""With work to do, a scheduler that has not finished a step for this long is unhealthy.
+Generous: one prefill chunk of a larger model on a CPU takes seconds, and a health check
+that fails a sound server gets it restarted for nothing."""
 
 Emit = Callable[[int | BaseException | None], None]
 """Called from the scheduler thread with each new token id, then ``None`` at the end (or
@@ -48,6 +54,8 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     prefilled: int = 0
+    done: bool = False
+    """Its end (or error) has been emitted."""
     cache: Any = None
     seen: Any = None
     """Token ids seen so far (for the repetition penalty)."""
@@ -55,7 +63,8 @@ class Request:
 
 class BatchScheduler:
     def __init__(self, model: Any, *, eos_ids: Sequence[int], max_sequences: int = 32,
-                 max_queued: int = 256, prefill_chunk: int = 512) -> None:
+                 max_queued: int = 256, prefill_chunk: int = 512,
+                 stall_after: float = STALL_AFTER_S) -> None:
         self._model = model
         self._eos = set(eos_ids)
         self._max_sequences = max_sequences
@@ -64,12 +73,21 @@ class BatchScheduler:
         self._incoming: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: list[Request] = []
         self._rows: list[Request] = []
+        self._admitting: list[Request] = []
+        """Prefilled, no longer waiting, not yet rows: in hand should a step fail."""
         self._cache: Any = None
         self._mask: Any = None
         self._positions: list[int] = []
         self._last: list[int] = []
         self._count_lock = threading.Lock()
         self._count = 0
+        self._open = False
+        """Whether ``submit`` takes requests: from ``start`` until ``stop`` or the thread's
+        death (under ``_count_lock``, so no request is queued to a thread that is gone)."""
+        self._stall_after = stall_after
+        self._stepped = time.monotonic()
+        """When the thread last finished a step, or idle work last arrived."""
+        self._died: str | None = None
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_batch = 0
@@ -80,11 +98,14 @@ class BatchScheduler:
     # The event loop's side.
 
     def start(self) -> None:
+        self._open = True
         self._thread = threading.Thread(target=self._run, name="chinwag-scheduler",
                                         daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        with self._count_lock:
+            self._open = False
         if self._thread is not None:
             self._incoming.put(None)
             self._thread.join(timeout=30)
@@ -93,14 +114,52 @@ class BatchScheduler:
     def submit(self, request: Request) -> None:
         """Queue a request, or raise ``Busy`` at once when the scheduler is full."""
         with self._count_lock:
+            if not self._open:
+                raise GenerationError(f"the model's scheduler is not running"
+                                      f"{': ' + self._died if self._died else ''}")
             if self._count >= self._max_sequences + self._max_queued:
                 raise Busy("too many conversations at once; try again shortly")
+            if self._count == 0:
+                self._stepped = time.monotonic()  # idle until now is not a stall
             self._count += 1
-        self._incoming.put(request)
+            self._incoming.put(request)
+
+    def health(self) -> str | None:
+        """``None`` while the thread runs and, with work to do, keeps stepping."""
+        if self._died is not None:
+            return f"the scheduler thread died: {self._died}"
+        if self._thread is None or not self._thread.is_alive():
+            return "the scheduler thread is not running"
+        with self._count_lock:
+            busy, idle = self._count > 0, time.monotonic() - self._stepped
+        if busy and idle > self._stall_after:
+            return f"the scheduler has not stepped for {idle:.0f} s with work queued"
+        return None
 
     # The scheduler thread.
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # a bug or a broken emit: say so instead of hanging
+            logger.exception("the scheduler thread died")
+            self._died = f"{type(exc).__name__}: {exc}"
+            with self._count_lock:
+                self._open = False
+            while True:
+                try:
+                    item = self._incoming.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    self._waiting.append(item)
+            for request in self._held():
+                try:
+                    self._finish(request, GenerationError("the model's scheduler stopped"))
+                except Exception:
+                    logger.exception("cannot tell a request that the scheduler stopped")
+
+    def _loop(self) -> None:
         import torch
 
         with torch.inference_mode():
@@ -126,17 +185,25 @@ class BatchScheduler:
                     message = "the model ran out of memory" if "out of memory" in \
                         str(exc).lower() else f"generation failed: {exc}"
                     self._fail_all(GenerationError(message))
+                with self._count_lock:
+                    self._stepped = time.monotonic()
 
     def _finish(self, request: Request, outcome: BaseException | None = None) -> None:
         request.cache = None
+        request.done = True
         with self._count_lock:
             self._count -= 1
         request.emit(outcome)
 
+    def _held(self) -> list[Request]:
+        """Every request taken in and not finished: running, waiting, or being admitted."""
+        return [r for r in dict.fromkeys([*self._rows, *self._waiting, *self._admitting])
+                if not r.done]
+
     def _fail_all(self, error: BaseException) -> None:
-        for request in [*self._rows, *self._waiting]:
+        for request in self._held():
             self._finish(request, error)
-        self._rows, self._waiting = [], []
+        self._rows, self._waiting, self._admitting = [], [], []
         self._cache = self._mask = None
         self._positions, self._last = [], []
 
@@ -237,9 +304,11 @@ class BatchScheduler:
         import torch
         from transformers import DynamicCache
 
+        self._admitting = requests
         keep = [row for row, request in enumerate(requests)
                 if self._accept(request, int(tokens[row]))]
         if not keep:
+            self._admitting = []
             return
         if len(keep) < len(requests):
             index = torch.tensor(keep, device=mask.device)
@@ -260,6 +329,7 @@ class BatchScheduler:
             self._rows.append(requests[row])
             self._positions.append(len(requests[row].prompt))
             self._last.append(int(tokens[row]))
+        self._admitting = []
         self.max_batch = max(self.max_batch, len(self._rows))
 
     def _decode(self) -> None:
