@@ -119,7 +119,8 @@ async def run(settings: Settings) -> None:
     """Serve every platform whose token is set (the console when none is) until SIGTERM or
     SIGINT. Stopping goes in this order: take no more messages, let in-flight replies
     finish within the grace period, then close the platform clients and the database.
-    A signal during start-up stops as soon as start-up is done."""
+    A signal while a platform is still being reached (an outage at start-up is retried)
+    stops at once; during the model's loading, as soon as it is loaded."""
     with _stop_signals() as signalled:
         if not settings.telegram_token and not settings.discord_token:
             chatting = asyncio.create_task(console_session(settings))
@@ -131,8 +132,20 @@ async def run(settings: Settings) -> None:
             chatting.result()  # the input ended, or the session failed
             return
         async with open_chinwag(settings) as manager, contextlib.AsyncExitStack() as stack:
-            adapters = [await stack.enter_async_context(adapter)
-                        for adapter in _adapters(settings, manager)]
+            adapters: list[PlatformAdapter] = []
+
+            async def connect_all() -> None:
+                for adapter in _adapters(settings, manager):
+                    adapters.append(await stack.enter_async_context(adapter))
+
+            connecting = asyncio.create_task(connect_all())
+            if await _until(connecting, signalled):
+                connecting.cancel()  # those connected are closed by the stack
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connecting
+                await manager.close()
+                return
+            connecting.result()  # a refused token ends the run here
             serving = asyncio.create_task(_serve_all(adapters))
             stopped = await _until(serving, signalled)
             for adapter in adapters:

@@ -3,14 +3,23 @@
 Each message goes through two stages. **Intake** is quick and runs in arrival order per
 conversation: addressing, blocked users, commands, and storing the message. When intake is
 done the message is *accepted*: it is safe for an adapter to acknowledge it to its platform.
+Nothing is sent to the chat during intake: notes and command answers go out afterwards, in
+order, so a chat the platform makes wait (flood control) never delays accepting messages.
 **Answering** generates replies one at a time per conversation, in order, while different
 conversations run concurrently. Per-conversation state lives only while a conversation has
 work in progress, so idle conversations cost nothing.
+
+A message that cannot be stored (the database is down) is handled as its adapter asks
+(``OnFailure``): left for the platform to redeliver, kept and tried again in-process, or
+answered with a note at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
+import itertools
 import logging
 import time
 from collections import deque
@@ -31,7 +40,7 @@ from bot.commands import (
     parse_call,
 )
 from bot.config import Settings
-from bot.errors import CommandError, DeliveryError
+from bot.errors import CommandError, DeliveryError, StorageError
 from bot.events import IncomingMessage, ReplySink
 from bot.generators import Generator as TextGenerator
 from bot.ratelimit import RateLimiter
@@ -44,6 +53,11 @@ EMPTY_NOTE = "Your message was empty: send me some text."
 UNSUPPORTED_NOTE = "I can only read text for now, so I cannot see that {what}."
 INTAKE_FAILED_NOTE = "Sorry, I could not take your message just now. Please send it again."
 PENDING_LIMIT = 1000
+INTAKE_RETRY_S = 300.0
+"""How long ``OnFailure.RETRY`` keeps a message it could not store before telling its
+author (each try already includes the store's own retries of about 11 s)."""
+INTAKE_RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Waits between those tries; the last one repeats."""
 LATE_INTAKE_S = 5.0
 RATE_LIMITED_NOTE = ("You are sending messages faster than I can answer. Please wait "
                      "{wait} and send that again.")
@@ -55,13 +69,36 @@ AdminCheck = Callable[[], Awaitable[bool]]
 needs to know."""
 
 
+class Intake(enum.Enum):
+    """How a message's intake ended: what its adapter may tell the platform."""
+
+    TAKEN = "taken"
+    """Stored (or needs no storing): acknowledge it."""
+    FAILED = "failed"
+    """Could not be stored: leave it for the platform to redeliver. (With
+    ``OnFailure.TELL`` or ``RETRY`` its author has been told to send it again.)"""
+    CLOSED = "closed"
+    """Not taken, shutting down: leave it for the platform to redeliver after the restart."""
+
+
+class OnFailure(enum.Enum):
+    """What to do with a message whose intake fails because the database does."""
+
+    TELL = "tell"
+    """Tell its author at once to send it again (the console; a last redelivery)."""
+    REDELIVER = "redeliver"
+    """Say nothing: the platform delivers it again unless it is acknowledged (Telegram)."""
+    RETRY = "retry"
+    """Keep it and try again for ``INTAKE_RETRY_S``, then tell its author (Discord, which
+    never redelivers)."""
+
+
 @dataclass(eq=False)
 class Ticket:
     """What ``submit`` hands back. Await it for the message to be fully handled."""
 
-    accepted: asyncio.Future[bool]
-    """True once the message is stored (or needs no storing): the adapter may acknowledge it.
-    False when it was not taken (shutting down): leave it for the platform to redeliver."""
+    accepted: asyncio.Future[Intake]
+    """Settled as soon as intake ends (before any note is sent)."""
     done: asyncio.Future[None]
 
     def __await__(self) -> Generator[Any, None, None]:
@@ -76,6 +113,9 @@ class _Lane:
     """The newest intake; each waits for the one before it."""
     answers: deque[tuple[Question, ReplySink, Ticket]] = field(default_factory=deque)
     worker: asyncio.Task[None] | None = None
+    notes: deque[tuple[str, ReplySink, Ticket]] = field(default_factory=deque)
+    """Notes and command answers to send, in order, apart from intake and answering."""
+    notifier: asyncio.Task[None] | None = None
     in_flight: set[str] = field(default_factory=set)
     """Platform ids of messages queued or being answered (a redelivery must not repeat)."""
     answering: Question | None = None
@@ -96,6 +136,8 @@ class DialogueManager:
         self._lanes: dict[str, _Lane] = {}
         self._limiter = RateLimiter(settings.rate_per_minute, settings.rate_burst, clock)
         self._closing = False
+        self._stopping = asyncio.Event()
+        """Set with ``_closing``: wakes intakes waiting to try the database again."""
         self._closed = False
 
     async def __aenter__(self) -> Self:
@@ -122,8 +164,9 @@ class DialogueManager:
         if self._closed:
             return
         self._closing = True
+        self._stopping.set()
         tasks = [task for lane in self._lanes.values()
-                 for task in (lane.intake, lane.worker) if task is not None]
+                 for task in (lane.intake, lane.worker, lane.notifier) if task is not None]
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=self._grace)
             for task in pending:
@@ -136,7 +179,8 @@ class DialogueManager:
         self._closed = True
 
     def submit(self, message: IncomingMessage, sink: ReplySink, *,
-               chat_admin: AdminCheck | None = None) -> Ticket:
+               chat_admin: AdminCheck | None = None,
+               on_failure: OnFailure = OnFailure.TELL) -> Ticket:
         """Queue a message. Queuing happens before this returns, so submission order is
         handling order within a conversation."""
         loop = asyncio.get_running_loop()
@@ -144,12 +188,13 @@ class DialogueManager:
         key = message.conversation_key
         if self._closed:
             logger.info("%s: not taking message %s, shut down", key, message.message_id)
-            ticket.accepted.set_result(False)
+            ticket.accepted.set_result(Intake.CLOSED)
             ticket.done.set_result(None)
             return ticket
         lane = self._lanes.setdefault(key, _Lane())
         lane.intake = asyncio.create_task(
-            self._intake(key, lane, lane.intake, message, sink, chat_admin, ticket),
+            self._intake(key, lane, lane.intake, message, sink, chat_admin, on_failure,
+                         ticket),
             name=f"chinwag:intake:{key}")
         return ticket
 
@@ -166,19 +211,18 @@ class DialogueManager:
 
     async def _intake(self, key: str, lane: _Lane, previous: asyncio.Task[None] | None,
                       message: IncomingMessage, sink: ReplySink, chat_admin: AdminCheck | None,
-                      ticket: Ticket) -> None:
+                      on_failure: OnFailure, ticket: Ticket) -> None:
         queued = False
         try:
             if previous is not None:
                 await asyncio.wait([previous])
-            try:
-                outcome = await self._decide(key, lane, message, chat_admin)
-            except Exception:
-                # The core's top-level handler: one bad message never stops the others.
-                logger.exception("%s: could not take message %s", key, message.message_id)
-                outcome = INTAKE_FAILED_NOTE
-            _settle(ticket.accepted, True)
+            intake, outcome = await self._take(key, lane, message, chat_admin, on_failure)
+            _settle(ticket.accepted, intake)
             if self._closing:
+                if intake is Intake.FAILED and isinstance(outcome, str):
+                    # Dropped: the one note still worth sending while stopping (``close``
+                    # waits for late intakes, not for the notes they would queue).
+                    await self._say(sink, outcome, key)
                 if isinstance(outcome, Question):
                     logger.info("%s: stored %s to answer after the restart", key,
                                 message.message_id)
@@ -190,21 +234,59 @@ class DialogueManager:
                 if lane.worker is None:
                     lane.worker = asyncio.create_task(self._answer_all(key, lane),
                                                       name=f"chinwag:answer:{key}")
-                return
-            if outcome is not None:
-                await self._say(sink, outcome, key)
+            elif outcome is not None:
+                # Sent apart from intake: the platform may make this chat wait (flood
+                # control), and the next message must not wait with it.
+                lane.notes.append((outcome, sink, ticket))
+                queued = True
+                if lane.notifier is None:
+                    lane.notifier = asyncio.create_task(self._say_all(key, lane),
+                                                        name=f"chinwag:notes:{key}")
         except DeliveryError as exc:
             logger.warning("%s: could not deliver a note for %s: %s", key, message.message_id,
                            exc)
         finally:
-            _settle(ticket.accepted, False)
+            _settle(ticket.accepted, Intake.FAILED)
             if not queued:
                 _resolve(ticket)
-            if lane.intake is asyncio.current_task() and lane.worker is None:
-                self._drop(key, lane)
+            self._drop(key, lane)
+
+    async def _take(self, key: str, lane: _Lane, message: IncomingMessage,
+                    chat_admin: AdminCheck | None, on_failure: OnFailure
+                    ) -> tuple[Intake, Question | str | None]:
+        """Decide, trying again as ``on_failure`` says while the database fails."""
+        checks = _Checks()
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + INTAKE_RETRY_S
+        for attempt in itertools.count(1):
+            try:
+                return Intake.TAKEN, await self._decide(key, lane, message, chat_admin, checks)
+            except StorageError as exc:
+                delay = INTAKE_RETRY_DELAYS_S[min(attempt, len(INTAKE_RETRY_DELAYS_S)) - 1]
+                if on_failure is OnFailure.REDELIVER:
+                    logger.warning("%s: could not store message %s (%s); leaving it for "
+                                   "the platform to deliver again", key, message.message_id,
+                                   exc)
+                    return Intake.FAILED, None
+                if on_failure is OnFailure.RETRY and not self._closing \
+                        and loop.time() + delay < give_up_at:
+                    logger.warning("%s: could not store message %s (%s); try %s again in "
+                                   "%s s", key, message.message_id, exc, attempt, delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+                    continue
+                logger.error("%s: could not store message %s (%s); asking its author to "
+                             "send it again", key, message.message_id, exc)
+                return Intake.FAILED, INTAKE_FAILED_NOTE
+            except Exception:
+                # The core's top-level handler: one bad message never stops the others.
+                # Not the database: another try would fail the same way, so say so now.
+                logger.exception("%s: could not take message %s", key, message.message_id)
+                return Intake.TAKEN, INTAKE_FAILED_NOTE
+        raise AssertionError("unreachable")
 
     async def _decide(self, key: str, lane: _Lane, message: IncomingMessage,
-                      chat_admin: AdminCheck | None) -> Question | str | None:
+                      chat_admin: AdminCheck | None, checks: _Checks) -> Question | str | None:
         """What to do with a message: answer it, say something, or nothing."""
         text = message.text.strip()
         call = parse_call(text)
@@ -230,10 +312,16 @@ class DialogueManager:
         if message.message_id in lane.in_flight:
             logger.info("%s: message %s is being answered already", key, message.message_id)
             return None
-        if not self._known_admin(message):
+        if not self._known_admin(message) and not checks.within_limits:
             refusal = await self._over_limit(key, message)
+            if refusal is not None and chat_admin is not None and await chat_admin():
+                # A chat's administrators are exempt. Asked only when the limit would
+                # refuse, so the platform is asked about the few who send that much.
+                refusal = None
             if refusal is not None:
                 return refusal or None
+            # A try again after a database failure must not spend the allowance twice.
+            checks.within_limits = True
         tokens = await asyncio.to_thread(self._generator.count_tokens, "user", text) \
             if len(text) > 4096 else self._generator.count_tokens("user", text)
         admission = await self._store.add_user_message(NewUserMessage(
@@ -314,6 +402,24 @@ class DialogueManager:
         logger.info("%s: ran /%s for %s", key, command.name, message.user_key)
         return answer
 
+    async def _say_all(self, key: str, lane: _Lane) -> None:
+        try:
+            while lane.notes:
+                text, sink, ticket = lane.notes[0]
+                try:
+                    await self._say(sink, text, key)
+                except DeliveryError as exc:
+                    logger.warning("%s: could not deliver a note: %s", key, exc)
+                finally:
+                    lane.notes.popleft()
+                    _resolve(ticket)
+        finally:
+            for _text, _sink, ticket in lane.notes:
+                ticket.done.cancel()
+            lane.notes.clear()
+            lane.notifier = None
+            self._drop(key, lane)
+
     async def _say(self, sink: ReplySink, text: str, key: str) -> None:
         stream = ReplyStream(sink, interval=0.0, clock=self._clock, key=key)
         await stream.push(text)
@@ -341,12 +447,22 @@ class DialogueManager:
                 ticket.done.cancel()
             lane.answers.clear()
             lane.worker = None
-            if lane.intake is None or lane.intake.done():
-                self._drop(key, lane)
+            self._drop(key, lane)
 
     def _drop(self, key: str, lane: _Lane) -> None:
-        if self._lanes.get(key) is lane and not lane.answers:
+        """Forget the lane once nothing of it runs but, perhaps, the caller winding down."""
+        current = asyncio.current_task()
+        busy = any(task is not None and task is not current and not task.done()
+                   for task in (lane.intake, lane.worker, lane.notifier))
+        if self._lanes.get(key) is lane and not (busy or lane.answers or lane.notes):
             del self._lanes[key]
+
+
+@dataclass
+class _Checks:
+    """What one message's intake has checked already, kept across its tries."""
+
+    within_limits: bool = False
 
 
 def _duration(seconds: float) -> str:
@@ -359,7 +475,7 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60} min"
 
 
-def _settle(future: asyncio.Future[bool], value: bool) -> None:
+def _settle(future: asyncio.Future[Intake], value: Intake) -> None:
     if not future.done():  # an adapter that stopped waiting may have cancelled it
         future.set_result(value)
 

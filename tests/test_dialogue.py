@@ -6,7 +6,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.answering import SHUTDOWN_NOTE, TRUNCATED_NOTE
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings
-from bot.dialogue import EMPTY_NOTE, DialogueManager
+from bot.dialogue import EMPTY_NOTE, DialogueManager, Intake
 from bot.generators import ChatMessage
 from storage.repository import SqlStore
 from tests.auxil.db import stored_texts
@@ -235,13 +235,37 @@ async def test_accepted_means_stored_before_the_answer_is_done(
     first = manager.submit(dm("one"), sink)
     second = manager.submit(dm("two"), sink)
     # Both are stored while the first is still being generated.
-    assert await asyncio.wait_for(second.accepted, 5) is True
-    assert await first.accepted is True
+    assert await asyncio.wait_for(second.accepted, 5) is Intake.TAKEN
+    assert await first.accepted is Intake.TAKEN
     assert await stored_texts(engine) == [("user", "one"), ("user", "two")]
     assert not first.done.done()
     generator.gate.set()
     await asyncio.gather(first, second)
     assert sink.texts == ["one", "two"]
+
+
+async def test_a_note_still_being_delivered_holds_up_no_intake(
+        manager: DialogueManager, engine: AsyncEngine) -> None:
+    gate = asyncio.Event()
+
+    class StuckSink(RecordingSink):
+        async def send(self, text: str, *, final: bool = False) -> str:
+            await gate.wait()  # the platform makes this chat wait (flood control)
+            return await super().send(text, final=final)
+
+    sink = StuckSink()
+    first = manager.submit(dm("/help"), sink)
+    second = manager.submit(dm("store me"), sink)
+    # The next message is stored, and may be confirmed, while the note is still waiting.
+    assert await asyncio.wait_for(second.accepted, 5) is Intake.TAKEN
+    assert await first.accepted is Intake.TAKEN
+    assert await stored_texts(engine) == [("user", "store me")]
+    assert sink.texts == []
+    gate.set()
+    await asyncio.gather(first, second)
+    [note] = [t for t in sink.texts if t != "store me"]
+    assert note.startswith("Commands:") and sink.texts.count("store me") == 1
+    assert manager.active_conversations == 0
 
 
 async def test_a_redelivered_pending_message_is_answered_once(
@@ -368,13 +392,13 @@ async def test_messages_arriving_while_stopping_are_stored_not_answered(
     await asyncio.sleep(0.05)
     late = manager.submit(dm("arrived while stopping"), sink)
     command = manager.submit(dm("/reset"), sink)
-    assert await late.accepted and await command.accepted
+    assert await late.accepted is Intake.TAKEN and await command.accepted is Intake.TAKEN
     await closing
     assert "arrived while stopping" not in sink.text and "Context cleared" not in sink.text
     assert [p.message.text for p in await manager.pending("telegram")] == [
         "in flight", "arrived while stopping"]
     after = manager.submit(dm("after close"), sink)
-    assert await after.accepted is False  # closed: left for the platform to redeliver
+    assert await after.accepted is Intake.CLOSED  # closed: left for the platform to redeliver
 
 
 async def test_stop_ends_a_reply_at_once_and_keeps_what_was_written(

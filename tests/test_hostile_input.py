@@ -1,7 +1,9 @@
 """Hostile input, property-based: text built from what breaks chat bots goes through the
 real adapters (normalization), the dialogue manager, and each platform's rendering and
-splitting, as a user message and as model output. No exception, no ping, no formatting
-error, no text lost when split."""
+splitting, as a user message and as model output, in private chats and in groups (addressed
+by mentions, text mentions and commands placed after characters outside the BMP, which
+Telegram counts as two UTF-16 units). No exception, no ping, no formatting error, no text
+lost when split, and each chat shows its own replies."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.discord import DiscordAdapter
 from adapters.telegram import TelegramAdapter
@@ -28,11 +31,11 @@ from bot.generators import ChatMessage
 from bot.splitting import split_text
 from storage.engine import create_engine
 from storage.migrate import upgrade
-from storage.models import MessageRow
+from storage.models import ConversationRow, MessageRow
 from storage.repository import SqlStore
 from tests.auxil.discord_api import DiscordEmulator
 from tests.auxil.generators import ScriptedGenerator
-from tests.auxil.telegram_api import TelegramEmulator
+from tests.auxil.telegram_api import BOT, TelegramEmulator, entity, find_entities
 
 PIECES = [
     "", " ", "\t", "\n", "\n\n", "\r\n", "   \n  ",
@@ -97,7 +100,7 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @asynccontextmanager
 async def chinwag(folder: Path, generator: ScriptedGenerator
-                  ) -> AsyncIterator[tuple[DialogueManager, SqlStore, object]]:
+                  ) -> AsyncIterator[tuple[DialogueManager, SqlStore, AsyncEngine]]:
     config = load_settings(data_dir=folder, generator="echo", edit_interval=0.0,
                            rate_per_minute=0, admins="telegram:42")
     engine = create_engine(config.database_url)
@@ -111,11 +114,17 @@ async def chinwag(folder: Path, generator: ScriptedGenerator
         await engine.dispose()
 
 
-async def stored_replies(engine: object) -> list[str]:
-    async with engine.connect() as connection:  # type: ignore[attr-defined]
-        rows = await connection.execute(select(MessageRow.text)
-                                        .where(MessageRow.role == "assistant"))
-        return [text for (text,) in rows]
+async def stored_replies(engine: AsyncEngine) -> dict[str, list[str]]:
+    """Each conversation's stored replies, by conversation key."""
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(ConversationRow.key, MessageRow.text)
+            .join(ConversationRow, MessageRow.conversation_id == ConversationRow.id)
+            .where(MessageRow.role == "assistant").order_by(MessageRow.id))
+        replies: dict[str, list[str]] = {}
+        for key, text in rows:
+            replies.setdefault(key, []).append(text)
+        return replies
 
 
 def with_output(outputs: Sequence[str]) -> ScriptedGenerator:
@@ -124,9 +133,8 @@ def with_output(outputs: Sequence[str]) -> ScriptedGenerator:
 
     def reply(messages: Sequence[ChatMessage]) -> str:
         last = messages[-1].content
-        if last.startswith("say output "):
-            return outputs[int(last.split()[2])]
-        return last
+        asked = re.search(r"say output (\d+)", last)
+        return outputs[int(asked.group(1))] if asked else last
 
     generator.reply = reply
     return generator
@@ -143,11 +151,41 @@ def conversation_texts(texts: Sequence[str], outputs: Sequence[str]) -> list[str
     return [*sendable(texts), *(f"say output {n}" for n in range(len(outputs)))]
 
 
-def assert_whole_and_quiet(replies: Sequence[str], visible: str,
+def assert_whole_and_quiet(replies: dict[str, list[str]], visible: dict[str, str],
                            records: Sequence[logging.LogRecord]) -> None:
-    for reply in replies:  # every stored reply shows whole, however it was split
-        assert kept(letters(reply, fences=False), letters(visible))
+    """Every stored reply shows whole, however it was split, in its own chat: ``visible``
+    holds each chat's text by conversation key."""
+    assert set(replies) <= set(visible), "a reply stored in a conversation nobody wrote in"
+    for key, chat_replies in replies.items():
+        for reply in chat_replies:
+            assert kept(letters(reply, fences=False), letters(visible[key])), key
     assert not ours(records)
+
+
+ASTRAL = st.sampled_from(["🙂", "👍🏽", "🇺🇦", "𝔥𝔢𝔶", "\U0001f9d1\u200d\U0001f4bb", "𓀀", "🙂🙂🙂"])
+"""Text of characters outside the BMP: each one Python character, two UTF-16 code units."""
+
+
+def addressed(text: str, how: str, astral: str) -> tuple[str, list[dict[str, object]]]:
+    """``text`` in a group, addressed to the bot after astral characters: the message and its
+    entities as Telegram gives them (offsets in UTF-16 code units)."""
+    if how == "mention":
+        message = f"{astral} @{BOT['username']} {text}"
+        return message, find_entities(message)
+    if how == "mention last":
+        # A space before the "@": right after a letter (𝔶 is one) it is no mention.
+        message = f"{text} {astral} @{BOT['username']}"
+        return message, find_entities(message)
+    if how == "text mention":
+        message = f"{astral} Chinwag {text}"
+        return message, sorted([*find_entities(message), entity(
+            message, "Chinwag", "text_mention", user=BOT)], key=lambda e: int(e["offset"]))
+    message = f"/help@{BOT['username']} {astral} {text}"  # a command, its argument astral
+    return message, find_entities(message)
+
+
+ADDRESSING = st.tuples(st.sampled_from(["mention", "mention last", "text mention",
+                                        "command"]), ASTRAL)
 
 
 @SETTINGS
@@ -175,8 +213,48 @@ async def test_hostile_text_through_telegram(texts: list[str], outputs: list[str
             replies = await stored_replies(engine)
         refused = [c for c in tg.calls if c.status != 200 and c.method != "getUpdates"]
         assert refused == []  # no entity error, no over-long message, nothing refused
-        visible = "".join(text for c in range(1, len(messages) + 1)
-                          for text in tg.final_text(c))
+        visible = {f"telegram:{c}": "".join(tg.final_text(c))
+                   for c in range(1, len(messages) + 1)}
+        assert_whole_and_quiet(replies, visible, caplog.records)
+
+
+@SETTINGS
+@given(texts=st.lists(HOSTILE, min_size=6, max_size=6),
+       outputs=st.lists(HOSTILE, min_size=3, max_size=3),
+       ways=st.lists(ADDRESSING, min_size=9, max_size=9))
+@example(texts=["hello", "🙂 @chinwag_bot", "/reset", "👍🏽/forget", "@chinwag_bot,", "\n/stats"],
+         outputs=["<b>🙂</b> @chinwag_bot", "/help@other_bot", "```\n🇺🇦\n"],
+         ways=[("mention", "🙂"), ("mention last", "𝔥𝔢𝔶"), ("text mention", "👍🏽"),
+               ("command", "🇺🇦"), ("mention", "🙂🙂🙂"), ("mention last", "𓀀"),
+               ("mention", "👍🏽"), ("text mention", "🙂"), ("mention last", "🇺🇦")])
+async def test_hostile_text_in_telegram_groups(texts: list[str], outputs: list[str],
+                                               ways: list[tuple[str, str]],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)
+    with tempfile.TemporaryDirectory() as folder:
+        async with chinwag(Path(folder), with_output(outputs)) as (manager, _store, engine), \
+                TelegramEmulator() as tg, \
+                TelegramAdapter(tg.token, manager, builtin_commands(), api_url=tg.url,
+                                poll_timeout=1):
+            messages = [*texts, *(f"say output {n}" for n in range(len(outputs)))]
+            groups = [-100 - n for n in range(len(messages))]
+            for group, text, (how, astral) in zip(groups, messages, ways, strict=True):
+                message, entities = addressed(text, how, astral)
+                tg.push_text(message, chat=group, user=-group, chat_type="supergroup",
+                             entities=entities)
+            # Every message is addressed to the bot, so every group gets an answer.
+            await tg.wait_for(lambda: tg.pending_updates == 0
+                              and manager.active_conversations == 0
+                              and all(tg.final_text(g) for g in groups), timeout=60)
+            replies = await stored_replies(engine)
+        refused = [c for c in tg.calls if c.status != 200 and c.method != "getUpdates"]
+        assert refused == []
+        for group, text, (how, _astral) in zip(groups, texts, ways, strict=False):
+            # Text first and the mention last: the text may itself be a command to run.
+            command = how == "command" or (how == "mention last" and text.strip()[:1] == "/")
+            if not command:  # each mention was taken as a question (none missed)
+                assert f"telegram:{group}" in replies
+        visible = {f"telegram:{g}": "".join(tg.final_text(g)) for g in groups}
         assert_whole_and_quiet(replies, visible, caplog.records)
 
 
@@ -195,15 +273,22 @@ async def test_hostile_text_through_discord(texts: list[str], outputs: list[str]
                 await dc.ready(timeout=30)
                 messages = conversation_texts(texts, outputs)
                 channels = []
-                for author, text in enumerate(messages, start=1):
+                for author, text in enumerate(sendable(texts), start=1):  # in DMs
                     dc.post(text, author=author, dm=True)
                     channels.append(dc.dm_channel(author))
-                asked = channels[len(channels) - len(outputs):]
+                # In server channels, mentioned after astral characters; the scripted
+                # outputs asked for last.
+                guild = [dc.add_channel(str(810_000_000_000_000_000 + n))
+                         for n in range(len(messages))]
+                for n, (channel, text) in enumerate(zip(guild, messages, strict=True)):
+                    dc.post(text, author=100 + n, channel=channel, mention=True,
+                            before_mention=["🙂 ", "👍🏽", "𝔥𝔢𝔶 ", ""][n % 4])
+                channels.extend(guild)
+                # The gateway delivers in order and each message is queued as it arrives:
+                # once the last channels are answered and nothing runs, all are done.
                 await dc.wait_for(
-                    lambda: all(dc.channel_texts(c) for c in asked)
+                    lambda: all(dc.channel_texts(c) for c in guild)
                     and manager.active_conversations == 0, timeout=60)
-                await asyncio.sleep(0.5)
-                await dc.wait_for(lambda: manager.active_conversations == 0, timeout=60)
                 replies = await stored_replies(engine)
             finally:
                 await adapter.stop_receiving()
@@ -215,7 +300,7 @@ async def test_hostile_text_through_discord(texts: list[str], outputs: list[str]
             assert body["allowed_mentions"]["parse"] == []
             assert not body["allowed_mentions"].get("replied_user")
             assert len(body.get("content") or "") <= 2000
-        visible = "".join(t for c in channels for t in dc.channel_texts(c))
+        visible = {f"discord:{c}": "".join(dc.channel_texts(c)) for c in channels}
         assert_whole_and_quiet(replies, visible, caplog.records)
 
 

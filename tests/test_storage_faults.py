@@ -6,23 +6,30 @@ import asyncio
 import logging
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from adapters.discord import DiscordAdapter
+from adapters.telegram import TelegramAdapter
+from adapters.telegram import adapter as telegram_adapter
+from bot import dialogue
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings
-from bot.dialogue import INTAKE_FAILED_NOTE, DialogueManager
+from bot.dialogue import INTAKE_FAILED_NOTE, DialogueManager, Intake
 from storage import retries
 from storage.engine import create_engine
 from storage.migrate import upgrade
 from storage.repository import SqlStore
 from tests.auxil.db import stored_texts
+from tests.auxil.discord_api import DiscordEmulator
 from tests.auxil.factories import dm
 from tests.auxil.generators import ScriptedGenerator
 from tests.auxil.postgres import PostgresServer
 from tests.auxil.sinks import RecordingSink
+from tests.auxil.telegram_api import TelegramEmulator
 
 
 async def test_sqlite_locked_by_another_writer_is_retried(
@@ -88,7 +95,7 @@ async def test_postgres_restart_while_a_message_arrives_is_retried(
         assert not ticket.accepted.done()  # still trying, not given up
     finally:
         await asyncio.to_thread(postgres_server.start)
-    assert await asyncio.wait_for(ticket.accepted, 20) is True
+    assert await asyncio.wait_for(ticket.accepted, 20) is Intake.TAKEN
     await ticket
     assert sink.texts == ["before", "during the restart"]
     assert await stored_texts(pg_engine) == [
@@ -132,3 +139,121 @@ async def test_every_pooled_connection_busy_is_waited_out(
     assert conversation.key == "telegram:busy"
     assert any("(TimeoutError)" in r.getMessage() for r in caplog.records)
     await engine.dispose()
+
+
+# The database fails while a platform's message is taken in.
+
+@contextmanager
+def sqlite_write_lock(path: str) -> Iterator[None]:
+    """Another connection holds the SQLite file's write lock for the duration."""
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(60)
+        other.execute("COMMIT")
+        other.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert locked.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+@pytest.fixture
+async def quick_failing_store(settings: Settings, monkeypatch: pytest.MonkeyPatch
+                              ) -> AsyncIterator[tuple[SqlStore, AsyncEngine, str]]:
+    """A SQLite store that gives up on a locked file in a fraction of a second."""
+    monkeypatch.setattr(retries, "RETRY_DELAYS_S", (0.05,))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    engine = create_engine(settings.database_url, sqlite_busy_timeout_ms=20)
+    await upgrade(engine)
+    yield SqlStore(engine), engine, settings.database_url.split(":///", 1)[1]
+    await engine.dispose()
+
+
+def intake_failures(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("could not store message" in r.getMessage() for r in caplog.records)
+
+
+async def test_telegram_leaves_an_update_it_could_not_store_for_redelivery(
+        quick_failing_store: tuple[SqlStore, AsyncEngine, str], settings: Settings,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(telegram_adapter, "REDELIVERY_DELAYS_S", (0.2,))
+    store, engine, path = quick_failing_store
+    async with TelegramEmulator() as tg, \
+            DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
+                            commands=builtin_commands()) as manager, \
+            TelegramAdapter(tg.token, manager, builtin_commands(), api_url=tg.url,
+                            poll_timeout=1):
+        with sqlite_write_lock(path):
+            tg.push_text("while the database is locked", chat=21, user=21)
+            # Tried, not confirmed, fetched again and tried again.
+            await tg.wait_for(lambda: intake_failures(caplog) >= 2)
+            assert max(tg.offsets) <= 1
+            assert tg.sent() == []  # nobody is asked to send it again: Telegram will
+        await tg.wait_for(lambda: tg.final_text(21) == ["while the database is locked"]
+                          and max(tg.offsets) == 2 and not manager.active_conversations)
+    assert await stored_texts(engine) == [("user", "while the database is locked"),
+                                          ("assistant", "while the database is locked")]
+
+
+@pytest.fixture
+async def discord_emulator() -> AsyncIterator[DiscordEmulator]:
+    async with DiscordEmulator() as emulator:
+        yield emulator
+
+
+def serve_discord(emulator: DiscordEmulator, manager: DialogueManager) -> DiscordAdapter:
+    return DiscordAdapter(emulator.token, manager, builtin_commands(),
+                          api_url=emulator.api_url, gateway_url=emulator.gateway_url)
+
+
+async def test_discord_keeps_a_message_it_could_not_store_until_the_database_is_back(
+        quick_failing_store: tuple[SqlStore, AsyncEngine, str], settings: Settings,
+        discord_emulator: DiscordEmulator, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(dialogue, "INTAKE_RETRY_DELAYS_S", (0.2,))
+    store, engine, path = quick_failing_store
+    dc = discord_emulator
+    async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serve_discord(dc, manager):
+        with sqlite_write_lock(path):
+            dc.post("while the database is locked", dm=True, author=5)
+            await dc.wait_for(lambda: intake_failures(caplog) >= 2)  # kept, tried again
+            assert dc.channel_texts(dc.dm_channel(5)) == []  # and the user not bothered
+        await dc.wait_for(lambda: dc.channel_texts(dc.dm_channel(5))
+                          == ["while the database is locked"]
+                          and not manager.active_conversations)
+    assert await stored_texts(engine) == [("user", "while the database is locked"),
+                                          ("assistant", "while the database is locked")]
+
+
+async def test_discord_tells_the_user_when_a_message_is_finally_dropped(
+        quick_failing_store: tuple[SqlStore, AsyncEngine, str], settings: Settings,
+        discord_emulator: DiscordEmulator, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(dialogue, "INTAKE_RETRY_DELAYS_S", (0.2,))
+    monkeypatch.setattr(dialogue, "INTAKE_RETRY_S", 1.0)
+    store, engine, path = quick_failing_store
+    dc = discord_emulator
+    async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serve_discord(dc, manager):
+        with sqlite_write_lock(path):
+            dc.post("nobody home", dm=True, author=6)
+            await dc.wait_for(lambda: dc.channel_texts(dc.dm_channel(6)) == [INTAKE_FAILED_NOTE]
+                              and not manager.active_conversations)
+            assert intake_failures(caplog) >= 2  # tried more than once before giving up
+        dc.post("back again", dm=True, author=6)
+        await dc.wait_for(lambda: dc.channel_texts(dc.dm_channel(6))
+                          == [INTAKE_FAILED_NOTE, "back again"]
+                          and not manager.active_conversations)
+    assert await stored_texts(engine) == [("user", "back again"), ("assistant", "back again")]

@@ -21,13 +21,14 @@ from adapters.discord.normalize import PLATFORM, is_direct, normalize
 from adapters.discord.sink import ChannelSink, InteractionSink
 from adapters.discord.slash import add_commands, command_text
 from bot.commands import Command, CommandRegistry
-from bot.dialogue import DialogueManager
+from bot.dialogue import DialogueManager, OnFailure
 from bot.errors import ConfigError, DeliveryError
 from bot.events import IncomingMessage
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
+MAX_BACKOFF_S = 60.0
 
 
 class _Gateway(discord.Client):
@@ -67,13 +68,10 @@ class DiscordAdapter:
 
     async def __aenter__(self) -> Self:
         try:
-            await self._client.login(self._token)
-        except discord.LoginFailure as exc:
-            await self._client.close()
-            raise ConfigError("CHINWAG_DISCORD_TOKEN was refused by Discord") from exc
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-            await self._client.close()
-            raise DeliveryError(f"cannot reach the Discord API: {exc}") from exc
+            await self._login()
+        except BaseException:
+            await self._client.close()  # also when start-up is cancelled while it waits
+            raise
         self._receiving = True
         self._connection = asyncio.create_task(self._client.connect(reconnect=True),
                                                name="chinwag:discord:gateway")
@@ -98,6 +96,30 @@ class DiscordAdapter:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self._close()
+
+    async def _login(self) -> None:
+        """Check the token. A network outage (no connection, 5xx after discord.py's own
+        retries, timeouts) is waited out with growing pauses, one warning per try: a bot
+        started before its network keeps its place. A refused token is final."""
+        delay = 1.0
+        while True:
+            try:
+                await self._client.login(self._token)
+                return
+            except discord.LoginFailure as exc:
+                raise ConfigError("CHINWAG_DISCORD_TOKEN was refused by Discord") from exc
+            except (discord.DiscordServerError, aiohttp.ClientError, OSError,
+                    TimeoutError) as exc:
+                logger.warning("discord: cannot reach the API (%s); retrying in %s s",
+                               exc or type(exc).__name__, delay)
+                # Each login opens a new HTTP session; close this one, and let the next
+                # make its own connection pool (closing the session closed this one).
+                await self._client.http.close()
+                self._client.http.connector = discord.utils.MISSING
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+            except discord.HTTPException as exc:  # refused for good: retrying won't help
+                raise DeliveryError(f"the Discord API refused start-up: {exc}") from exc
 
     async def serve(self) -> None:
         """Until stopped; raises if the gateway connection ends for good."""
@@ -160,7 +182,8 @@ class DiscordAdapter:
             return
         sink = ChannelSink(message.channel, message, incoming.conversation_key)
         # submit() queues before returning, so messages keep their order per channel.
-        self._manager.submit(incoming, sink)
+        # Discord never redelivers an event: one the database cannot take now is kept.
+        self._manager.submit(incoming, sink, on_failure=OnFailure.RETRY)
 
     async def _on_command(self, interaction: discord.Interaction, command: Command,
                           options: Mapping[str, str | None]) -> None:
@@ -180,7 +203,8 @@ class DiscordAdapter:
             author_is_chat_admin=interaction.guild_id is not None
             and permissions.manage_guild,
         )
-        self._manager.submit(incoming, InteractionSink(interaction))
+        self._manager.submit(incoming, InteractionSink(interaction),
+                             on_failure=OnFailure.RETRY)
 
     async def _on_command_error(self, interaction: discord.Interaction,
                                 error: app_commands.AppCommandError) -> None:

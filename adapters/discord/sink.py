@@ -120,7 +120,6 @@ class InteractionSink(_DiscordLength):
     async def edit(self, message_id: str, text: str, *, final: bool = False) -> None:
         if self._shown.get(message_id) == text:
             return
-        self._shown[message_id] = text
         try:
             if message_id == ORIGINAL:
                 await self._interaction.edit_original_response(content=text,
@@ -130,6 +129,9 @@ class InteractionSink(_DiscordLength):
                                                               allowed_mentions=NO_PINGS)
         except discord.HTTPException as exc:
             raise DeliveryError(f"interaction edit: {exc}") from exc
+        # Only now: after a failed edit the old text still shows, and the same edit must
+        # not be skipped as done.
+        self._shown[message_id] = text
 
     async def delete(self, message_id: str) -> None:
         self._shown.pop(message_id, None)

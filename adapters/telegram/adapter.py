@@ -5,6 +5,15 @@ Chinwag polls for itself rather than through PTB's ``Updater`` so that an update
 acknowledged to Telegram (by the next ``getUpdates`` offset) only after the dialogue manager
 has stored its message: a stop at any moment loses nothing, and a redelivered update is
 recognised by its message id.
+
+The offset confirms every update below it, so it stops at the oldest update not yet
+stored, while the poller goes on fetching and dispatching newer ones (and skips those it
+has dispatched already): one chat whose intake is slow holds up no other chat. An update
+whose message could not be stored (the database is down) is not confirmed; Telegram gives
+it back at the next fetch and it is tried again, with backoff. Only when other updates are
+being stored meanwhile (the database works, this message does not) and it has failed for
+``GIVE_UP_S`` is it tried one last time, its author told, and confirmed, so one such update
+cannot hold the offset for ever.
 """
 
 from __future__ import annotations
@@ -13,7 +22,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Self
@@ -34,7 +44,7 @@ from adapters.telegram.normalize import PLATFORM, normalize
 from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.sink import TelegramSink, retry_seconds
 from bot.commands import CommandRegistry
-from bot.dialogue import DialogueManager, Ticket
+from bot.dialogue import DialogueManager, Intake, OnFailure, Ticket
 from bot.errors import ConfigError, DeliveryError
 from bot.events import IncomingMessage
 
@@ -43,6 +53,26 @@ logger = logging.getLogger(__name__)
 ALLOWED_UPDATES = ["message", "edited_message", "channel_post"]
 MAX_BACKOFF_S = 60.0
 CONNECTIONS = 128
+HELD_POLL_S = 1.0
+"""While an update is held unconfirmed, Telegram answers at once with it again: fetch at
+most this often then, and new updates wait at most this long."""
+REDELIVERY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Waits before an update that could not be stored is tried again; the last repeats."""
+GIVE_UP_S = 300.0
+
+
+@dataclass
+class _Held:
+    """An update dispatched but not confirmed yet: the offset has not passed it."""
+
+    ticket: Ticket | None
+    """Its intake, while one runs; None once settled (or if it needed none)."""
+    stored: bool = False
+    """Taken: the offset may pass it."""
+    failed_since: float | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    last_try: bool = False
 
 
 class TelegramAdapter:
@@ -57,7 +87,9 @@ class TelegramAdapter:
                         get_updates_request=HTTPXRequest(connection_pool_size=1))
         self._pacer = ChatPacer(clock)
         self._admins = ChatAdmins(self._bot, clock)
+        self._clock = clock
         self._offset: int | None = None
+        self._held: dict[int, _Held] = {}
         self._poller: asyncio.Task[None] | None = None
 
     @property
@@ -66,19 +98,41 @@ class TelegramAdapter:
 
     async def __aenter__(self) -> Self:
         try:
-            await self._bot.initialize()
-            await self._bot.delete_webhook()  # polling and a webhook exclude each other
-            await self._bot.set_my_commands(
-                [BotCommand(c.name, c.description) for c in self._commands])
-        except TelegramError as exc:
-            await self._bot.shutdown()
-            if isinstance(exc, InvalidToken | Forbidden):
-                raise ConfigError("CHINWAG_TELEGRAM_TOKEN was refused by Telegram") from exc
-            raise DeliveryError(f"cannot reach the Telegram Bot API: {exc}") from exc
+            await self._connect()
+        except BaseException:
+            await self._bot.shutdown()  # also when start-up is cancelled while it waits
+            raise
         await self._resume()
         self._poller = asyncio.create_task(self._poll(), name="chinwag:telegram:poll")
         logger.info("telegram: polling as @%s", self._bot.username)
         return self
+
+    async def _connect(self) -> None:
+        """Check the token and register the commands. A network outage (no connection,
+        5xx, timeouts, flood control) is waited out with growing pauses, one warning per
+        try: a bot started before its network keeps its place. A refused token is final."""
+        delay = 1.0
+        while True:
+            try:
+                await self._bot.initialize()
+                await self._bot.delete_webhook()  # polling and a webhook exclude each other
+                await self._bot.set_my_commands(
+                    [BotCommand(c.name, c.description) for c in self._commands])
+                return
+            except (InvalidToken, Forbidden) as exc:
+                raise ConfigError("CHINWAG_TELEGRAM_TOKEN was refused by Telegram") from exc
+            except RetryAfter as exc:
+                seconds = retry_seconds(exc)
+                logger.warning("telegram: flood control at start-up; retrying in %s s",
+                               seconds)
+                await asyncio.sleep(seconds)
+            except NetworkError as exc:
+                logger.warning("telegram: cannot reach the Bot API (%s); retrying in %s s",
+                               exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+            except TelegramError as exc:  # a request refused for good: retrying won't help
+                raise DeliveryError(f"the Telegram Bot API refused start-up: {exc}") from exc
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -98,6 +152,7 @@ class TelegramAdapter:
         poller.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConfigError):
             await poller
+        self._settle()
         if self._offset is not None:
             with contextlib.suppress(TelegramError):
                 # Confirms everything below the offset; what it returns is redelivered later.
@@ -117,10 +172,14 @@ class TelegramAdapter:
     async def _poll(self) -> None:
         delay = 1.0
         while True:
+            if self._held:
+                await self._wait_for_intakes()
+            if not self._settle():
+                return  # shutting down: the rest is redelivered after the restart
             try:
-                updates = await self._bot.get_updates(offset=self._offset,
-                                                      timeout=self._poll_timeout,
-                                                      allowed_updates=ALLOWED_UPDATES)
+                updates = await self._bot.get_updates(
+                    offset=self._offset, timeout=0 if self._held else self._poll_timeout,
+                    allowed_updates=ALLOWED_UPDATES)
             except (InvalidToken, Forbidden) as exc:
                 logger.error("telegram: the token was refused (%s); stopping", exc)
                 raise ConfigError("CHINWAG_TELEGRAM_TOKEN was refused by Telegram") from exc
@@ -133,14 +192,63 @@ class TelegramAdapter:
                 delay = min(delay * 2, MAX_BACKOFF_S)
                 continue
             delay = 1.0
-            tickets = [(update.update_id, self._dispatch(update)) for update in updates]
-            # Acknowledge (with the next offset) only what the manager has taken.
-            for update_id, ticket in tickets:
-                if ticket is not None and not await asyncio.shield(ticket.accepted):
-                    return  # shutting down: the rest is redelivered after the restart
-                self._offset = update_id + 1
+            self._receive(updates)
 
-    def _dispatch(self, update: Update) -> Ticket | None:
+    async def _wait_for_intakes(self) -> None:
+        """Until the held updates' intakes end, or ``HELD_POLL_S`` has passed."""
+        running = [held.ticket.accepted for held in self._held.values()
+                   if held.ticket is not None and not held.ticket.accepted.done()]
+        if running:
+            await asyncio.wait(running, timeout=HELD_POLL_S)
+        else:
+            await asyncio.sleep(HELD_POLL_S)
+
+    def _receive(self, updates: Sequence[Update]) -> None:
+        """Dispatch what is new, and what is due to be tried again, in update order."""
+        now = self._clock()
+        # A new update goes after the failed ones before it, so a chat keeps its order.
+        fresh = any(update.update_id not in self._held for update in updates)
+        # Others are being stored: the database works and only these updates fail.
+        others_stored = any(held.stored for held in self._held.values())
+        for update in updates:
+            held = self._held.get(update.update_id)
+            if held is None:
+                ticket = self._dispatch(update, OnFailure.REDELIVER)
+                self._held[update.update_id] = _Held(ticket, stored=ticket is None)
+            elif held.ticket is None and not held.stored and (fresh or now >= held.retry_at):
+                assert held.failed_since is not None
+                held.last_try = others_stored and now - held.failed_since >= GIVE_UP_S
+                held.ticket = self._dispatch(
+                    update, OnFailure.TELL if held.last_try else OnFailure.REDELIVER)
+                held.stored = held.ticket is None
+
+    def _settle(self) -> bool:
+        """Note how the held updates' intakes ended and move the offset past those stored;
+        False once the manager takes no more."""
+        now = self._clock()
+        for held in self._held.values():
+            if held.ticket is None or not held.ticket.accepted.done():
+                continue
+            intake = held.ticket.accepted.result()
+            held.ticket = None
+            if intake is Intake.CLOSED:
+                return False
+            if intake is Intake.TAKEN or held.last_try:
+                held.stored = True  # on a last try that failed, its author was told
+                continue
+            if held.failed_since is None:
+                held.failed_since = now
+            held.retry_at = now + REDELIVERY_DELAYS_S[
+                min(held.failures, len(REDELIVERY_DELAYS_S) - 1)]
+            held.failures += 1
+        for update_id in sorted(self._held):
+            if not self._held[update_id].stored:
+                break
+            del self._held[update_id]
+            self._offset = update_id + 1
+        return True
+
+    def _dispatch(self, update: Update, on_failure: OnFailure) -> Ticket | None:
         message = update.message
         if message is None:
             logger.debug("telegram: ignored update %s (not a new message)", update.update_id)
@@ -149,17 +257,19 @@ class TelegramAdapter:
             incoming = normalize(message, self._bot.id, self._bot.username)
             if incoming is None:
                 return None
-            return self._submit(incoming, message.chat.id)
+            return self._submit(incoming, message.chat.id, on_failure)
         except Exception:
             # The platform's top-level handler: one odd update never stops the others.
             logger.exception("telegram:%s: could not handle update %s", message.chat.id,
                              update.update_id)
             return None
 
-    def _submit(self, incoming: IncomingMessage, chat_id: int) -> Ticket:
+    def _submit(self, incoming: IncomingMessage, chat_id: int,
+                on_failure: OnFailure = OnFailure.TELL) -> Ticket:
         thread_id = int(incoming.thread_id) if incoming.thread_id else None
         reply_to = None if incoming.is_direct else int(incoming.message_id)
         sink = TelegramSink(self._bot, chat_id, thread_id, reply_to, self._pacer)
         chat_admin = None if incoming.is_direct else partial(
             self._admins.is_admin, chat_id, int(incoming.author_id))
-        return self._manager.submit(incoming, sink, chat_admin=chat_admin)
+        return self._manager.submit(incoming, sink, chat_admin=chat_admin,
+                                    on_failure=on_failure)

@@ -1,5 +1,5 @@
-"""Who administers each Telegram group: asked of Telegram when a command needs it, cached
-briefly so a burst of commands costs one call."""
+"""Who administers each Telegram group: asked of Telegram when an admin command, or a
+message over the rate limit, needs it; cached briefly so a burst costs one call."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class ChatAdmins:
             try:
                 members = await self._bot.get_chat_administrators(chat_id)
             except TelegramError as exc:
-                # Refusing is the safe answer; the user is told the command is for admins.
+                # Refusing is the safe answer (the command is for admins; the limit holds).
                 logger.warning("telegram:%s: could not ask for the chat's administrators: %s",
                                chat_id, exc)
                 return False

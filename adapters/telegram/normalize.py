@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from telegram import Message
+from telegram import Message, MessageEntity
 from telegram.constants import ChatType, MessageEntityType
 
 from bot.events import IncomingMessage
@@ -37,22 +37,28 @@ def normalize(message: Message, bot_id: int, bot_username: str) -> IncomingMessa
         if unsupported is None:
             return None  # service messages: members joining, pins, topic changes…
         text = ""
+    # Telegram counts entity offsets in UTF-16 code units, Python in code points: PTB's
+    # parse_* methods cut each entity's text out correctly, whatever came before it.
+    entities: dict[MessageEntity, str] = message.parse_entities() if message.text \
+        else message.parse_caption_entities() if message.caption else {}
     handle = f"@{bot_username}".lower()
     mentions_bot = False
-    for entity in message.entities or message.caption_entities or ():
-        chunk = text[entity.offset:entity.offset + entity.length]
+    own_handles: list[MessageEntity] = []
+    command: tuple[str, str] | None = None
+    for entity, chunk in entities.items():
         if entity.type == MessageEntityType.MENTION and chunk.lower() == handle:
             mentions_bot = True
+            own_handles.append(entity)
         elif entity.type == MessageEntityType.TEXT_MENTION and entity.user is not None:
             mentions_bot = mentions_bot or entity.user.id == bot_id
         elif entity.type == MessageEntityType.BOT_COMMAND and entity.offset == 0:
-            command, _, target = chunk.partition("@")
+            name, _, target = chunk.partition("@")
             if target and target.lower() != bot_username.lower():
                 return None  # /cmd@otherbot
-            if target:
-                text = command + text[entity.length:]
-    if mentions_bot:
-        text = " ".join(part for part in text.split(" ") if part.lower() != handle)
+            command = (chunk, name)
+    text = _without(text, own_handles)
+    if command is not None and text.startswith(command[0]):
+        text = command[1] + text[len(command[0]):]  # /cmd@chinwag_bot is /cmd
     reply = message.reply_to_message
     is_topic = bool(message.is_topic_message and message.message_thread_id)
     return IncomingMessage(
@@ -69,3 +75,23 @@ def normalize(message: Message, bot_id: int, bot_username: str) -> IncomingMessa
         reply_to_bot=bool(reply and reply.from_user and reply.from_user.id == bot_id),
         unsupported=unsupported,
     )
+
+
+def _without(text: str, entities: list[MessageEntity]) -> str:
+    """``text`` less the entities' spans (given in UTF-16 code units), each with one space
+    next to it, so "hi @bot there" reads "hi there"."""
+    if not entities:
+        return text
+    units = text.encode("utf-16-le", "surrogatepass")
+    parts: list[bytes] = []
+    cursor = 0
+    for entity in sorted(entities, key=lambda e: e.offset):
+        start, end = entity.offset * 2, (entity.offset + entity.length) * 2
+        if units[end:end + 2] == b" \x00":
+            end += 2
+        elif start >= 2 and units[start - 2:start] == b" \x00":
+            start -= 2
+        parts.append(units[cursor:max(start, cursor)])
+        cursor = max(end, cursor)
+    parts.append(units[cursor:])
+    return b"".join(parts).decode("utf-16-le", "surrogatepass")

@@ -45,9 +45,15 @@ class Fault:
     retry_after: float = 0.0
 
 
+DROP = 0
+"""A fault's status that closes the connection instead of answering."""
+
+
 @dataclass
 class DiscordEmulator:
     token: str = "discord-test-token"
+    port: int = 0
+    """Where to listen; 0 picks a free port (a test that starts the bot first fixes one)."""
     names: dict[int, str] = field(default_factory=dict)
     """Display names users chose (default ``user<id>``)."""
     refuse_message_content: bool = False
@@ -87,8 +93,8 @@ class DiscordEmulator:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
-        self._runner, port = await start(app)
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.port = await start(app, self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -128,8 +134,10 @@ class DiscordEmulator:
     def post(self, content: str, *, author: int = 1, channel: str | None = CHANNEL,
              dm: bool = False, mention: bool = False, reply_to: str | None = None,
              attachments: list[dict[str, Any]] | None = None, bot_author: bool = False,
-             kind: int = 0, mention_roles: list[str] | None = None) -> str:
-        """A user's message arrives over the gateway; returns its id."""
+             kind: int = 0, mention_roles: list[str] | None = None,
+             before_mention: str = "") -> str:
+        """A user's message arrives over the gateway; returns its id. With ``mention``,
+        the content starts ``<before_mention><@bot> ``."""
         message_id = str(next(self._ids))
         who = user(author, self.names.get(author))
         if bot_author:
@@ -137,7 +145,7 @@ class DiscordEmulator:
         channel_id = f"dm{author}" if dm else channel
         assert channel_id is not None
         if mention:
-            content = f"<@{BOT_USER['id']}> {content}"
+            content = f"{before_mention}<@{BOT_USER['id']}> {content}"
         payload: dict[str, Any] = {
             "id": message_id, "channel_id": channel_id, "author": who, "content": content,
             "timestamp": _now(), "edited_timestamp": None, "tts": False,
@@ -321,6 +329,10 @@ class DiscordEmulator:
             if faults and method == request.method and part in path:
                 fault = faults.pop(0)
                 self.requests.append(Request(request.method, path, body, fault.status))
+                if fault.status == DROP:  # the connection breaks without an answer
+                    assert request.transport is not None
+                    request.transport.close()
+                    return web.Response()
                 if fault.status == 429:
                     return _json(
                         {"message": "You are being rate limited.",

@@ -32,6 +32,30 @@ class EntityError(ValueError):
     pass
 
 
+def utf16_len(text: str) -> int:
+    """Length as Telegram counts it: UTF-16 code units (an emoji outside the BMP is two)."""
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+_USERNAME = r"[A-Za-z0-9_]{5,32}"
+_AUTO_ENTITIES = re.compile(rf"(?<![\w/@])(?:(?P<mention>@{_USERNAME})"
+                            rf"|(?P<bot_command>/[A-Za-z0-9_]{{1,64}}(?:@{_USERNAME})?))(?!\w)")
+
+
+def find_entities(text: str) -> list[dict[str, Any]]:
+    """The mentions and bot commands Telegram marks in a user's text, with offsets and
+    lengths in UTF-16 code units, as Telegram gives them."""
+    return [{"type": match.lastgroup, "offset": utf16_len(text[:match.start()]),
+             "length": utf16_len(match.group())} for match in _AUTO_ENTITIES.finditer(text)]
+
+
+def entity(text: str, part: str, kind: str, **fields: Any) -> dict[str, Any]:
+    """An entity of ``kind`` over the first ``part`` in ``text`` (UTF-16 offsets)."""
+    start = text.index(part)
+    return {"type": kind, "offset": utf16_len(text[:start]), "length": utf16_len(part),
+            **fields}
+
+
 class _TelegramHtml(HTMLParser):
     """Parses HTML as Telegram's parse_mode=HTML does: visible text plus entities."""
 
@@ -42,7 +66,7 @@ class _TelegramHtml(HTMLParser):
         self._open: list[tuple[str, int, dict[str, str | None]]] = []
 
     def _offset(self) -> int:
-        return sum(len(part) for part in self.text)
+        return sum(utf16_len(part) for part in self.text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag not in _TAGS:
@@ -84,6 +108,8 @@ class ApiCall:
     method: str
     params: dict[str, Any]
     status: int = 200
+    at: float = field(default_factory=time.monotonic)
+    """When it arrived (``time.monotonic``), to measure how a client spaces its retries."""
 
 
 DROP = 0
@@ -101,6 +127,8 @@ class Fault:
 @dataclass
 class TelegramEmulator:
     token: str = "123456:TEST-TOKEN"
+    port: int = 0
+    """Where to listen; 0 picks a free port (a test that starts the bot first fixes one)."""
     calls: list[ApiCall] = field(default_factory=list)
     admins: dict[int, set[int]] = field(default_factory=dict)
     """Administrators per group chat, as getChatAdministrators reports them."""
@@ -109,6 +137,8 @@ class TelegramEmulator:
     messages: dict[int, dict[str, Any]] = field(default_factory=dict)
     """Every bot message as it stands now: chat, text (visible), entities."""
     offsets: list[int] = field(default_factory=list)
+    chat_faults: dict[int, Fault] = field(default_factory=dict)
+    """Every call about a chat (by ``chat_id``) fails so while the chat is in here."""
     _faults: dict[str, deque[Fault]] = field(default_factory=dict)
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _update_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -120,8 +150,8 @@ class TelegramEmulator:
     async def __aenter__(self) -> TelegramEmulator:
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_post("/bot{token}/{method}", self._handle)
-        self._runner, port = await start(app)
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.port = await start(app, self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -148,26 +178,24 @@ class TelegramEmulator:
     def push_text(self, text: str, *, chat: int = 1, user: int = 1, chat_type: str = "private",
                   reply_to: dict[str, Any] | None = None, thread: int | None = None,
                   entities: list[dict[str, Any]] | None = None) -> int:
+        """A user's text message; ``entities`` default to the mentions and commands
+        Telegram would find in it."""
         message = self.user_message(chat=chat, user=user, chat_type=chat_type, text=text)
         if reply_to is not None:
             message["reply_to_message"] = reply_to
         if thread is not None:
             message["message_thread_id"] = thread
             message["is_topic_message"] = True
+        entities = find_entities(text) if entities is None else entities
         if entities:
             message["entities"] = entities
-        elif text.startswith("/"):
-            message["entities"] = [{"type": "bot_command", "offset": 0,
-                                    "length": len(text.split()[0])}]
         return self.push_message(message)
 
     def push_mention(self, text: str, *, chat: int, user: int = 1, **kwargs: Any) -> int:
         """``@chinwag_bot <text>`` in a group."""
         handle = f"@{BOT['username']}"
         return self.push_text(f"{handle} {text}", chat=chat, user=user,
-                              chat_type=kwargs.pop("chat_type", "supergroup"),
-                              entities=[{"type": "mention", "offset": 0,
-                                         "length": len(handle)}], **kwargs)
+                              chat_type=kwargs.pop("chat_type", "supergroup"), **kwargs)
 
     def bot_message(self, message_id: int, chat: int, chat_type: str = "supergroup"
                     ) -> dict[str, Any]:
@@ -205,9 +233,10 @@ class TelegramEmulator:
 
     # The API.
     async def _handle(self, request: web.Request) -> web.Response:
-        if request.match_info["token"] != self.token:
-            return self._error(401, "Unauthorized")
         method = request.match_info["method"]
+        if request.match_info["token"] != self.token:
+            self.calls.append(ApiCall(method, {}, 401))
+            return self._error(401, "Unauthorized")
         params: dict[str, Any] = dict(await request.post())
         for key, value in list(params.items()):
             if isinstance(value, str) and value[:1] in "{[":
@@ -217,6 +246,12 @@ class TelegramEmulator:
                     pass
         if self.delay.get(method):
             await asyncio.sleep(self.delay[method])
+        chat = str(params.get("chat_id", ""))
+        chat_fault = self.chat_faults.get(int(chat)) if chat.lstrip("-").isdigit() else None
+        if chat_fault is not None:
+            self.calls.append(ApiCall(method, params, chat_fault.status))
+            return self._error(chat_fault.status, chat_fault.description,
+                               chat_fault.retry_after)
         faults = self._faults.get(method)
         if faults and (not faults[0].html_only or params.get("parse_mode") == "HTML"):
             fault = faults.popleft()
