@@ -24,7 +24,7 @@ from tests.auxil.openai_api import FakeOpenAI
 from tests.auxil.postgres import PostgresServer
 from tests.auxil.process import chinwag, serve_until_sigterm
 from tests.auxil.sinks import RecordingSink
-from tests.auxil.telegram_api import TelegramEmulator
+from tests.auxil.telegram_api import DROP, TelegramEmulator
 
 SECRET = "PINEAPPLE-7731"
 
@@ -98,6 +98,8 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
     async with TelegramEmulator() as telegram, DiscordEmulator() as discord, \
             FakeOpenAI(echo=True, api_key=model_key) as model:
         # Faults make every layer log: retries, a refused model call, flood control.
+        telegram.fail("getMe", DROP, "")  # a start-up outage, retried and logged
+        telegram.fail("getUpdates", DROP, "")
         telegram.fail("sendMessage", 502, "Bad Gateway")
         telegram.fail("sendMessage", 429, "Too Many Requests: retry after 1", retry_after=1)
         model.then(status=500, detail="boom")
@@ -128,6 +130,7 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
                                  "CHINWAG_GENERATOR": "echo",
                                  "CHINWAG_DATA_DIR": str(tmp_path)}, timeout=60)
     assert "answered" in log  # the log is there, at DEBUG
+    assert "retrying in" in log  # and the network errors, with the URLs they quote
     for secret in (telegram.token, discord.token, model_key):
         assert secret not in log
     assert failed.returncode != 0
@@ -157,6 +160,8 @@ async def test_database_password_never_reaches_the_logs(
     root = f"postgresql+asyncpg://chinwag:{quote(DB_PASSWORD, safe='')}@127.0.0.1"
     url = f"{root}:{postgres_server.port}/{database}"
     async with TelegramEmulator() as telegram:
+        telegram.fail("getMe", DROP, "")  # a start-up outage, retried and logged
+        telegram.fail("getUpdates", DROP, "")
         telegram.fail("sendMessage", 502, "Bad Gateway")
 
         async def scenario() -> None:
