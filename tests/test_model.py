@@ -106,7 +106,7 @@ TRICKY = ["naïve café, façade", "😀👍🏽 and 🇫🇷 flags", "日本語
 
 
 def streamed(tokenizer: object, ids: list[int]) -> list[str]:
-    from bot.generators.tokens import ReplyDecoder
+    from bot.generators.reply_text import ReplyDecoder
 
     decoder = ReplyDecoder(tokenizer)
     return [decoder.step(token) for token in ids] + [decoder.finish()]
@@ -145,3 +145,81 @@ async def test_a_stop_string_ends_the_stream_and_is_never_shown(
     pieces = [piece async for piece in model.stream(messages, stop)]
     assert "".join(pieces) == full[:full.index("Paris")]
     assert not any("Par" in piece for piece in pieces)
+
+
+BIG = "lorem ipsum dolor sit amet " * 80_000  # about 2 MB: a second to tokenize
+
+
+async def outcome(stream: AsyncIterator[str]) -> tuple[str | BaseException, float]:
+    """The first piece of a stream (or what it raised), and when it came."""
+    try:
+        first: str | BaseException = await anext(stream)
+    except BaseException as exc:  # the kind is what the tests look at
+        first = exc
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    return first, asyncio.get_running_loop().time()
+
+
+async def tokenizing_time(model: TransformersGenerator, text: str) -> float:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.to_thread(model.prompt_ids, [ChatMessage("user", text)])
+    return loop.time() - started
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_long_prompt_being_tokenized_does_not_hold_up_another_request(
+        model: TransformersGenerator) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    big = asyncio.create_task(outcome(model.stream([ChatMessage("user", BIG)],
+                                                   GenerationParams(4, 0.0))))
+    await asyncio.sleep(0)  # the big prompt is being tokenized
+    try:
+        piece, at = await asyncio.wait_for(outcome(model.stream(
+            [ChatMessage("user", "Say hi.")], GenerationParams(4, 0.0))), timeout=60)
+    finally:
+        big.cancel()  # before it reaches the model: 500,000 tokens is beyond its window
+    assert isinstance(piece, str)
+    # It waited for neither the big prompt's tokenizing nor a one-thread queue behind it.
+    assert at - started < await tokenizing_time(model, BIG) / 2
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_beyond_the_limits_busy_comes_before_the_prompt_is_tokenized() -> None:
+    from bot.errors import Busy
+
+    async with TransformersGenerator(BUILTIN_MODEL, CACHE, "cpu", max_sequences=1,
+                                     max_queued=0) as full:
+        held = full.stream([ChatMessage("user", "Count to a thousand.")],
+                           GenerationParams(2000, 0.0), ignore_eos=True)
+        await anext(held)  # the only place is taken
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        big = asyncio.create_task(outcome(full.stream([ChatMessage("user", BIG)],
+                                                      GenerationParams(4, 0.0))))
+        small = await outcome(full.stream([ChatMessage("user", "hi")],
+                                          GenerationParams(4, 0.0)))
+        refused = [small, await big]
+        await held.aclose()  # type: ignore[attr-defined]
+        assert all(isinstance(error, Busy) for error, _at in refused), refused
+        # Neither waited for the big prompt's tokens: it was refused before tokenizing.
+        assert max(at for _error, at in refused) - started \
+            < await tokenizing_time(full, BIG) / 4
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_shutting_down_while_prompts_are_tokenized_ends_their_streams_clearly() -> None:
+    from bot.errors import GenerationError
+
+    generator = TransformersGenerator(BUILTIN_MODEL, CACHE, "cpu")
+    await generator.__aenter__()
+    streams = [asyncio.create_task(outcome(generator.stream(
+        [ChatMessage("user", text)], GenerationParams(4, 0.0)))) for text in (BIG, "hi")]
+    await asyncio.sleep(0)  # both are now waiting for their prompts' tokens
+    await generator.__aexit__(None, None, None)
+    ended = [error for error, _at in await asyncio.gather(*streams)]
+    # Not AttributeError (a scheduler gone), not CancelledError (the caller's own).
+    assert all(isinstance(error, GenerationError) and "shutting down" in str(error)
+               for error in ended), ended

@@ -78,3 +78,32 @@ def test_running_out_of_memory_while_loading_is_model_unavailable(room_mb: int) 
         cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.startswith("ModelUnavailable: not enough memory to load model"), \
         result.stdout + result.stderr[-2000:]
+
+
+CONVERT_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+from pathlib import Path
+from bot.config import BUILTIN_MODEL
+from bot.errors import ModelUnavailable
+from bot.generators import model_files
+import numpy, torch, transformers  # loaded before the limit: only converting is limited
+pages = int(open("/proc/self/statm").read().split()[0])
+room = pages * resource.getpagesize() + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (room, resource.RLIM_INFINITY))
+try:
+    model_files.local_weights(model_files.resolve(BUILTIN_MODEL), Path(sys.argv[2]))
+except ModelUnavailable as exc:
+    print("ModelUnavailable:", exc)
+"""
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("room_mb", [400])  # numpy's MemoryError, de-quantizing
+def test_running_out_of_memory_while_converting_is_model_unavailable(
+        room_mb: int, tmp_path: Path) -> None:
+    # The first run's GGUF conversion (a fresh cache), in a real process with a real limit.
+    result = subprocess.run(
+        [sys.executable, "-c", CONVERT_UNDER_A_MEMORY_LIMIT, str(room_mb), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+        cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.startswith("ModelUnavailable: "), result.stdout + result.stderr[-2000:]

@@ -3,18 +3,22 @@
 The model is run by a continuous-batching scheduler thread (``scheduler.py``), so no
 forward pass ever runs on the event loop and concurrent conversations share each step.
 The scheduler streams token ids back and the loop decodes them incrementally, at a cost
-per token that does not grow with the reply. Prompts are rendered and tokenized on a
-thread of their own with a tokenizer of its own (a fast tokenizer is not safe to share
-between threads), so a long history does not hold up the loop either.
+per token that does not grow with the reply.
+
+A request beyond the scheduler's limits is refused with ``Busy`` before its prompt is
+tokenized. Prompts are rendered and tokenized off the loop with ``asyncio.to_thread``, each
+on a thread of the loop's pool, so a long prompt holds up neither the loop nor another
+request's prompt. They share the one tokenizer: a fast tokenizer is safe to use from
+several threads as long as none changes its truncation or padding settings (the only
+state its calls mutate, "Already borrowed" otherwise), and nothing here does: prompts,
+counts and truncation all encode without truncation or padding.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -22,8 +26,9 @@ from typing import Any, Self
 from bot.errors import GenerationError, ModelUnavailable
 from bot.generators import model_files
 from bot.generators.base import ChatMessage, GenerationParams
+from bot.generators.reply_text import ReplyText
 from bot.generators.scheduler import BatchScheduler, Request, eos_ids
-from bot.generators.tokens import ReplyText, TemplateCounter
+from bot.generators.tokens import TemplateCounter
 from bot.generators.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -58,8 +63,6 @@ class TransformersGenerator:
         self._limits = {"max_sequences": max_sequences, "max_queued": max_queued,
                         "prefill_chunk": prefill_chunk}
         self._tokenizer: Any = None
-        self._prompt_tokenizer: Any = None
-        self._prompts: ThreadPoolExecutor | None = None
         self._config: Any = None
         self._counter: TemplateCounter | None = None
         self._scheduler: BatchScheduler | WorkerPool | None = None
@@ -81,18 +84,13 @@ class TransformersGenerator:
             self._scheduler = BatchScheduler(model, eos_ids=eos_ids(model), **self._limits)
             self._scheduler.start()
         self._counter = TemplateCounter(self._tokenizer, self._model_name)
-        self._prompt_tokenizer = copy.deepcopy(self._tokenizer)
-        self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chinwag-prompts")
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._scheduler is not None:
-            await asyncio.to_thread(self._scheduler.stop)
-            self._scheduler = None
-        if self._prompts is not None:
-            self._prompts.shutdown(wait=False, cancel_futures=True)
-            self._prompts = None
+            scheduler, self._scheduler = self._scheduler, None
+            await asyncio.to_thread(scheduler.stop)
 
     @property
     def scheduler(self) -> BatchScheduler | WorkerPool | None:
@@ -123,25 +121,30 @@ class TransformersGenerator:
 
     def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt's token ids. Blocking (the template and the tokenizer take
-        milliseconds per thousand tokens): ``stream`` calls it on its own thread."""
-        rendered = self._prompt_tokenizer.apply_chat_template(
+        milliseconds per thousand tokens): ``stream`` calls it on a thread."""
+        rendered = self._tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(rendered["input_ids"])
 
     async def stream(self, messages: Sequence[ChatMessage], params: GenerationParams, *,
                      ignore_eos: bool = False) -> AsyncIterator[str]:
-        if self._scheduler is None or self._prompts is None:
+        scheduler = self._scheduler
+        if scheduler is None:
             raise GenerationError("the model is not loaded")
+        scheduler.ensure_room()  # Busy at once when full, before tokenizing the prompt
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | BaseException | None] = asyncio.Queue()
 
         def emit(item: int | BaseException | None) -> None:
             loop.call_soon_threadsafe(tokens.put_nowait, item)
 
-        prompt = await loop.run_in_executor(self._prompts, self.prompt_ids, messages)
+        prompt = await asyncio.to_thread(self.prompt_ids, messages)
+        if self._scheduler is not scheduler:  # shut down meanwhile
+            raise GenerationError("the model is shutting down")
         request = Request(prompt, params, emit, ignore_eos=ignore_eos)
-        self._scheduler.submit(request)  # raises Busy at once when full
+        # Busy still, when others took the last places while this prompt was tokenized.
+        scheduler.submit(request)
         reply = ReplyText(self._tokenizer, params.stop)
         try:
             while not reply.stopped:

@@ -112,6 +112,12 @@ def local_weights(source: ModelSource, cache_dir: Path) -> str:
             _convert(source, folder)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelUnavailable(f"cannot convert {source.label}: {exc}") from exc
+        except MemoryError as exc:  # numpy's, de-quantizing
+            raise ModelUnavailable(f"not enough memory to convert {source.label}: "
+                                   f"{exc or 'MemoryError'}") from exc
+        except SystemError as exc:  # a C extension that failed to allocate, as seen here
+            raise ModelUnavailable(f"cannot convert {source.label} (out of memory?): "
+                                   f"SystemError: {exc}") from exc
     return str(folder)
 
 

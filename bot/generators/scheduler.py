@@ -111,14 +111,23 @@ class BatchScheduler:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def ensure_room(self) -> None:
+        """Raise ``Busy`` now if a request would be refused (``GenerationError`` when not
+        running), so a caller refuses it before the work of tokenizing its prompt."""
+        with self._count_lock:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if not self._open:
+            raise GenerationError(f"the model's scheduler is not running"
+                                  f"{': ' + self._died if self._died else ''}")
+        if self._count >= self._max_sequences + self._max_queued:
+            raise Busy("too many conversations at once; try again shortly")
+
     def submit(self, request: Request) -> None:
         """Queue a request, or raise ``Busy`` at once when the scheduler is full."""
         with self._count_lock:
-            if not self._open:
-                raise GenerationError(f"the model's scheduler is not running"
-                                      f"{': ' + self._died if self._died else ''}")
-            if self._count >= self._max_sequences + self._max_queued:
-                raise Busy("too many conversations at once; try again shortly")
+            self._check_room()
             if self._count == 0:
                 self._stepped = time.monotonic()  # idle until now is not a stall
             self._count += 1

@@ -2,139 +2,84 @@
 
 On a CPU, two processes with one thread each out-run one process with two threads
 (measured here: 1.6-2x), because small matrix products do not spread well over threads.
-Each worker loads its own copy of the model and runs a ``BatchScheduler``; the parent
-hands each request to the least-loaded worker and streams its tokens back. On a GPU, one
-process owns the device: use the in-process scheduler instead.
+Each worker (``worker_process.py``) loads its own copy of the model and runs a
+``BatchScheduler``; the parent hands each request to the least-loaded worker and streams
+its tokens back. On a GPU, one process owns the device: use the in-process scheduler.
 
 Each worker gets the limits of its share of the pool, and the parent never hands a worker
 more than that, so a worker's scheduler never refuses a job: beyond the pool's limits the
 parent answers ``Busy`` itself. Each worker streams back over a pipe of its own, so a
 worker killed mid-write (SIGKILL, the OOM killer) cannot corrupt or lock the others'
-results. One thread in the parent waits on every pipe and every worker's exit at once: a
-dead worker is noticed as soon as it exits, its streams end with ``GenerationError`` and
-it is started again.
+results. One thread in the parent waits on every pipe and every worker's exit at once.
+
+A worker that exits is noticed as soon as it does: what it wrote before is delivered,
+then its remaining streams end with ``GenerationError`` and it is started again: at once
+if it had been serving, else after ``RESTART_BACKOFF_S`` (a crash or a kill while loading
+the model is retried for as long as it takes; a load that reports a real error is given
+up after ``LOAD_ATTEMPTS`` tries in a row). A worker that stops answering while it has
+requests (stopped, hung: no heartbeat for ``stall_after`` seconds) makes the pool
+unhealthy and gets no new requests; after ``kill_after`` seconds it is killed, which ends
+its streams and restarts it: a user waits a minute at most, not for ever.
+
+``health()`` is liveness: ``None`` while some worker serves and none is stalled with work.
+A worker restarting while the others answer is not a fault a health check should act on
+(it would restart a server that is healing itself); it is logged.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
-import queue
 import threading
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 from bot.errors import Busy, GenerationError, ModelUnavailable
-from bot.generators.base import GenerationParams
-from bot.generators.scheduler import Request
+from bot.generators import worker_process
+from bot.generators.scheduler import STALL_AFTER_S, Request
+from bot.generators.worker_process import NEWS, READY, Failure, Heartbeat, Job, LoadFailed
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300.0
 POLL_S = 0.05
-"""How often the parent forwards cancellations and picks up restarted workers' pipes."""
-PARENT_CHECK_S = 1.0
-"""How often an idle worker checks that its parent is still there (an orphan exits)."""
+"""How often the parent forwards cancellations, starts due restarts and looks for stalls."""
 STOP_TIMEOUT_S = 30.0
-_READY = "ready"
-
-
-@dataclass(frozen=True, slots=True)
-class _Job:
-    request_id: int
-    prompt: tuple[int, ...]
-    params: GenerationParams
-    ignore_eos: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    """An exception crossing the process boundary, as its kind and message."""
-
-    message: str
-    busy: bool = False
-
-    def error(self) -> GenerationError:
-        return Busy(self.message) if self.busy else GenerationError(self.message)
-
-
-@dataclass(frozen=True, slots=True)
-class _LoadFailed:
-    message: str
-
-
-def _worker(model: str, cache_dir: str, limits: dict[str, int], jobs: Any,
-            results: Connection, index: int) -> None:
-    """A worker process: load the model, then run requests until told to stop."""
-    import torch
-
-    torch.set_num_threads(1)
-    from bot.generators import model_files
-    from bot.generators.scheduler import BatchScheduler, eos_ids
-
-    parent = os.getppid()
-    sending = threading.Lock()  # the scheduler thread and this one both send
-
-    def send(message: tuple[int, Any]) -> None:
-        with sending:
-            results.send(message)
-
-    try:
-        _tokenizer, loaded = model_files.load(model, Path(cache_dir), "cpu", torch.float32)
-    except Exception as exc:  # reported to the parent, which fails its start
-        send((-1, _LoadFailed(str(exc))))
-        return
-    scheduler = BatchScheduler(loaded, eos_ids=eos_ids(loaded), **limits)
-    scheduler.start()
-    requests: dict[int, Request] = {}
-    send((-1, _READY))
-    while True:
-        try:
-            job = jobs.get(timeout=PARENT_CHECK_S)
-        except queue.Empty:
-            if os.getppid() != parent:
-                break  # the parent is gone (killed): nobody reads our results
-            continue
-        if job is None:
-            break
-        if isinstance(job, int):  # a cancellation
-            if job in requests:
-                requests[job].cancelled.set()
-            continue
-
-        def emit(item: int | BaseException | None, request_id: int = job.request_id) -> None:
-            if item is None or isinstance(item, BaseException):
-                requests.pop(request_id, None)
-            send((request_id, _Failure(str(item), busy=isinstance(item, Busy))
-                  if isinstance(item, BaseException) else item))
-
-        request = Request(job.prompt, job.params, emit, ignore_eos=job.ignore_eos)
-        requests[job.request_id] = request
-        try:
-            scheduler.submit(request)
-        except GenerationError as exc:  # the parent keeps within our limits; in case not
-            emit(exc)
-    scheduler.stop()
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Waits before each further start of a worker whose last start did not reach ready."""
+LOAD_ATTEMPTS = 3
+"""Starts in a row whose load reports an error, after which the worker is given up."""
+KILL_STALLED_AFTER_S = 60.0
 
 
 class _Worker:
-    """One worker process as the parent sees it."""
+    """One worker process as the parent sees it; a replacement takes its place."""
 
     def __init__(self, index: int, capacity: int, process: Any, jobs: Any,
-                 results: Connection) -> None:
+                 results: Connection, *, attempt: int, load_errors: int) -> None:
         self.index = index
         self.capacity = capacity
         self.process = process
         self.jobs = jobs
         self.results = results
+        self.started = self.heard = time.monotonic()
+        """When it was started; when it last sent anything (a token, a heartbeat)."""
+        self.attempt = attempt
+        """Starts in a row, before this one, that did not reach ready."""
+        self.load_errors = load_errors
+        """Of those, the ones that reported a load error."""
         self.ready = False
         self.dead = False
-        self.failed: str | None = None
         self.load = 0
+        self.reported: str | None = None
+        """Its scheduler's health, from its last heartbeat."""
+        self.load_error: str | None = None
+        self.killed_for: str | None = None
+        self.restart_at: float | None = None
+        self.failed: str | None = None
+        """Given up: why."""
 
     def close(self) -> None:
         self.results.close()
@@ -142,17 +87,30 @@ class _Worker:
         self.jobs.cancel_join_thread()
         self.jobs.close()
 
+    def describe(self) -> str:
+        if self.failed is not None:
+            return f"worker {self.index} {self.failed}"
+        if self.dead:
+            return f"worker {self.index} is restarting"
+        return f"worker {self.index} is loading the model"
+
 
 class WorkerPool:
     """The same ``submit`` as ``BatchScheduler``, spread over worker processes."""
 
     def __init__(self, model: str, cache_dir: Path, workers: int, *, max_sequences: int = 32,
                  max_queued: int = 256, prefill_chunk: int = 512,
-                 ready_timeout: float = READY_TIMEOUT_S) -> None:
+                 ready_timeout: float = READY_TIMEOUT_S,
+                 heartbeat: float = worker_process.HEARTBEAT_S,
+                 stall_after: float = STALL_AFTER_S,
+                 kill_after: float = KILL_STALLED_AFTER_S) -> None:
         self._model = model
         self._cache_dir = cache_dir
         self._count = workers
         self._ready_timeout = ready_timeout
+        self._heartbeat = heartbeat
+        self._stall_after = stall_after
+        self._kill_after = kill_after
         # The queue limit is shared out, so the pool takes exactly what its workers take.
         self._limits = [{"max_sequences": max_sequences,
                          "max_queued": max_queued // workers + (i < max_queued % workers),
@@ -166,17 +124,20 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._reader: threading.Thread | None = None
 
-    def _spawn(self, index: int) -> _Worker:
+    def _spawn(self, index: int, *, attempt: int = 0, load_errors: int = 0) -> _Worker:
         limits = self._limits[index]
         jobs = self._context.Queue()
         receiver, sender = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=_worker, name=f"chinwag-worker-{index}", daemon=True,
-            args=(self._model, str(self._cache_dir), limits, jobs, sender, index))
-        process.start()
-        sender.close()  # only the worker writes: its exit then reads as end-of-file here
+            target=worker_process.run, name=f"chinwag-worker-{index}", daemon=True,
+            args=(self._model, str(self._cache_dir), limits, jobs, sender, self._heartbeat))
+        try:
+            process.start()
+        finally:
+            sender.close()  # only the worker writes: its exit then reads as end-of-file here
         capacity = limits["max_sequences"] + limits["max_queued"]
-        return _Worker(index, capacity, process, jobs, receiver)
+        return _Worker(index, capacity, process, jobs, receiver, attempt=attempt,
+                       load_errors=load_errors)
 
     def start(self) -> None:
         """Start the workers and wait until each has loaded the model; raises
@@ -217,10 +178,11 @@ class WorkerPool:
                         _id, status = worker.results.recv()
                     except (EOFError, OSError):
                         pass  # it exited: said below
-                if isinstance(status, _LoadFailed):
+                if isinstance(status, LoadFailed):
                     raise ModelUnavailable(f"worker {worker.index}: {status.message}")
-                if status == _READY:
+                if status == READY:
                     worker.ready = True
+                    worker.heard = time.monotonic()
                     continue
                 worker.process.join(timeout=STOP_TIMEOUT_S)
                 raise ModelUnavailable(f"worker {worker.index} exited with code "
@@ -228,10 +190,10 @@ class WorkerPool:
 
     def stop(self) -> None:
         self._stopping.set()
-        self._end_processes()
-        if self._reader is not None:
+        if self._reader is not None:  # first, so that it starts no worker meanwhile
             self._reader.join(timeout=STOP_TIMEOUT_S)
             self._reader = None
+        self._end_processes()
         for worker in self._workers:
             worker.close()
         self._fail(list(self._where), GenerationError("the model is shutting down"))
@@ -251,47 +213,63 @@ class WorkerPool:
                 worker.process.join(timeout=STOP_TIMEOUT_S)
 
     def health(self) -> str | None:
-        """``None`` while every worker process runs; otherwise which does not."""
+        """``None`` while some worker serves and none is stalled with work (see the
+        module's docstring); otherwise why not."""
         if self._reader is None or not self._reader.is_alive():
             return "the worker pool is not running"
+        now = time.monotonic()
         with self._lock:
-            for worker in self._workers:
-                if worker.failed is not None:
-                    return f"worker {worker.index} cannot load the model: {worker.failed}"
-                if worker.dead or not worker.process.is_alive():
-                    return f"worker {worker.index} died (exit code {worker.process.exitcode})"
-                if not worker.ready:
-                    return f"worker {worker.index} is restarting"
+            serving = [w for w in self._workers if w.ready and not w.dead]
+            for worker in serving:
+                silent = now - worker.heard
+                if worker.load and silent > self._stall_after:
+                    return (f"worker {worker.index} has not answered for {silent:.0f} s "
+                            f"with {worker.load} requests")
+                if worker.reported is not None:
+                    return f"worker {worker.index}: {worker.reported}"
+            if not serving:
+                return "no worker can serve: " + "; ".join(w.describe() for w in self._workers)
         return None
+
+    def _open(self) -> list[_Worker]:
+        """Workers that take a request now (under the lock)."""
+        if self._stopping.is_set() or self._reader is None:
+            raise GenerationError("the model is not running")
+        now = time.monotonic()
+        open_ = [w for w in self._workers if w.ready and not w.dead and w.load < w.capacity
+                 and now - w.heard <= self._stall_after]
+        if not open_:
+            raise Busy("too many conversations at once; try again shortly")
+        return open_
+
+    def ensure_room(self) -> None:
+        """Raise ``Busy`` now if a request would be refused, before its prompt is built."""
+        with self._lock:
+            self._open()
 
     def submit(self, request: Request) -> None:
         """Hand a request to the least-loaded worker, or raise ``Busy`` at once when every
-        worker is full (or restarting)."""
+        worker is full (or restarting, or stalled)."""
         with self._lock:
-            if self._stopping.is_set() or self._reader is None:
-                raise GenerationError("the model is not running")
-            open_ = [w for w in self._workers if w.ready and w.load < w.capacity]
-            if not open_:
-                raise Busy("too many conversations at once; try again shortly")
-            worker = min(open_, key=lambda w: w.load)
+            worker = min(self._open(), key=lambda w: w.load)
             request_id = self._next_id
             self._next_id += 1
             worker.load += 1
             self._where[request_id] = worker
             self._requests[request_id] = request
             # Under the lock, so a worker found dead meanwhile fails this request too.
-            worker.jobs.put(_Job(request_id, tuple(request.prompt), request.params,
-                                 request.ignore_eos))
+            worker.jobs.put(Job(request_id, tuple(request.prompt), request.params,
+                                request.ignore_eos))
 
     # The pool's thread.
 
     def _serve(self) -> None:
-        next_cancel_check = 0.0
+        next_check = 0.0
         while not self._stopping.is_set():
             owners: dict[Any, _Worker] = {}
             with self._lock:
                 for worker in self._workers:
-                    if worker.failed is None and not worker.dead:
+                    if not worker.dead:
                         owners[worker.results] = owners[worker.process.sentinel] = worker
             for item in wait(list(owners), timeout=POLL_S):
                 worker = owners[item]
@@ -306,64 +284,105 @@ class WorkerPool:
                     self._deliver(worker, message)
                 else:
                     self._lost(worker)
-            if time.monotonic() >= next_cancel_check:
+            if time.monotonic() >= next_check:
                 self._forward_cancellations()
-                next_cancel_check = time.monotonic() + POLL_S
+                self._kill_stalled()
+                self._restart_due()
+                next_check = time.monotonic() + POLL_S
 
     def _deliver(self, worker: _Worker, message: tuple[int, Any]) -> None:
+        worker.heard = time.monotonic()
         request_id, item = message
-        if request_id < 0:  # a restarted worker's start-up
-            with self._lock:
-                if isinstance(item, _LoadFailed):
-                    worker.failed = item.message
-                    logger.error("worker %d cannot load the model: %s", worker.index,
-                                 item.message)
-                else:
+        if request_id == NEWS:
+            if isinstance(item, Heartbeat):
+                worker.reported = item.health
+            elif isinstance(item, LoadFailed):
+                worker.load_error = item.message  # it exits next: _lost decides what then
+            elif item == READY:
+                with self._lock:
                     worker.ready = True
-                    logger.info("worker %d is back", worker.index)
+                    worker.attempt = worker.load_errors = 0
+                logger.info("worker %d is back", worker.index)
             return
         with self._lock:
             request = self._requests.get(request_id)
-            if item is None or isinstance(item, _Failure):
+            if item is None or isinstance(item, Failure):
                 self._requests.pop(request_id, None)
                 if self._where.pop(request_id, None) is not None:
                     worker.load -= 1
         if request is not None:
-            _tell(request, item.error() if isinstance(item, _Failure) else item)
+            _tell(request, item.error() if isinstance(item, Failure) else item)
+
+    def _drain(self, worker: _Worker) -> None:
+        """Deliver what an exited worker wrote before it died (tokens, ends, why it
+        failed): it is all in the pipe, unread."""
+        while True:
+            try:
+                if not worker.results.poll():
+                    return
+                message = worker.results.recv()
+            except (EOFError, OSError):  # the end, or a message its death cut short
+                return
+            self._deliver(worker, message)
 
     def _lost(self, worker: _Worker) -> None:
-        """A worker exited: end its streams, correct the load and start another."""
+        """A worker exited: deliver what it wrote, end its other streams, correct the
+        load, and arrange its restart (or give it up)."""
+        if self._stopping.is_set():
+            return
+        self._drain(worker)
         with self._lock:
-            if self._stopping.is_set():
-                return
             worker.dead, was_ready, worker.ready = True, worker.ready, False
             orphans = [i for i, w in self._where.items() if w is worker]
         worker.process.join(timeout=STOP_TIMEOUT_S)
         code = worker.process.exitcode
-        self._fail(orphans, GenerationError(
-            f"the model's worker process died (exit code {code}); please try again"))
         worker.close()
-        if not was_ready:
-            # Dying while loading the model would only happen again: leave it to health.
-            worker.failed = f"exited with code {code} while loading the model"
-            logger.error("worker %d %s", worker.index, worker.failed)
+        why = worker.killed_for or f"died (exit code {code})"
+        self._fail(orphans, GenerationError(
+            f"the model's worker process {why}; please try again"))
+        load_errors = worker.load_errors + (worker.load_error is not None)
+        if load_errors >= LOAD_ATTEMPTS:
+            worker.failed = f"cannot load the model: {worker.load_error}"
+            logger.error("worker %d %s (%d tries); giving it up", worker.index, worker.failed,
+                         load_errors)
             return
-        logger.error("worker %d died (exit code %s) with %d requests; restarting it",
-                     worker.index, code, len(orphans))
-        try:
-            replacement = self._spawn(worker.index)
-        except OSError as exc:  # out of processes or descriptors: leave it to health
-            worker.failed = f"cannot be restarted: {exc}"
-            logger.error("worker %d %s", worker.index, worker.failed)
-            return
-        with self._lock:
-            if not self._stopping.is_set():
+        attempt = 0 if was_ready else worker.attempt + 1
+        delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S)) - 1] if attempt else 0.0
+        worker.attempt, worker.load_errors = attempt, load_errors
+        worker.restart_at = time.monotonic() + delay
+        logger.error("worker %d %s%s with %d requests; restarting it in %g s", worker.index,
+                     why, "" if was_ready else " while loading the model", len(orphans), delay)
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for worker in list(self._workers):
+            if worker.restart_at is None or worker.restart_at > now:
+                continue
+            worker.restart_at = None
+            try:
+                replacement = self._spawn(worker.index, attempt=worker.attempt,
+                                          load_errors=worker.load_errors)
+            except OSError as exc:  # out of processes or descriptors: try again later
+                worker.attempt += 1
+                worker.restart_at = now + RESTART_BACKOFF_S[
+                    min(worker.attempt, len(RESTART_BACKOFF_S)) - 1]
+                logger.error("worker %d cannot be restarted: %s", worker.index, exc)
+                continue
+            with self._lock:
                 self._workers[self._workers.index(worker)] = replacement
-                return
-        # ``stop`` began meanwhile and would not see this one.
-        replacement.process.kill()
-        replacement.process.join(timeout=STOP_TIMEOUT_S)
-        replacement.close()
+
+    def _kill_stalled(self) -> None:
+        """End a worker that has requests and has said nothing for ``kill_after``: its
+        exit ends its streams and restarts it."""
+        now = time.monotonic()
+        with self._lock:
+            stalled = [w for w in self._workers if w.ready and not w.dead and w.load
+                       and w.killed_for is None and now - w.heard > self._kill_after]
+        for worker in stalled:
+            worker.killed_for = f"stopped answering for {now - worker.heard:.0f} s"
+            logger.error("worker %d %s with %d requests; killing it", worker.index,
+                         worker.killed_for, worker.load)
+            worker.process.kill()
 
     def _fail(self, request_ids: list[int], error: GenerationError) -> None:
         with self._lock:
