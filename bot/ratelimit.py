@@ -63,6 +63,14 @@ class RateLimiter:
         bucket.warned = True
         return Refusal(retry_after=(1.0 - bucket.tokens) / self._rate, tell=tell)
 
+    def give_back(self, user_key: str) -> None:
+        """Return one message ``take`` spent (its message was not kept after all: the
+        platform delivers it again, or its author is asked to resend it)."""
+        bucket = self._buckets.get(user_key)
+        if bucket is None:  # refilled and forgotten: the allowance is full anyway
+            return
+        bucket.tokens = min(self._burst, bucket.tokens + 1.0)
+
     def _evict_refilled(self, now: float) -> None:
         full_after = self._burst / self._rate
         while self._buckets:

@@ -1,18 +1,21 @@
 import asyncio
 from collections.abc import Sequence
 
+import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot import dialogue
 from bot.answering import SHUTDOWN_NOTE, TRUNCATED_NOTE
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings
-from bot.dialogue import EMPTY_NOTE, DialogueManager, Intake
+from bot.dialogue import EMPTY_NOTE, INTAKE_FAILED_NOTE, DialogueManager, Intake, OnFailure
 from bot.generators import ChatMessage
 from storage.repository import SqlStore
 from tests.auxil.db import stored_texts
 from tests.auxil.factories import dm, group
 from tests.auxil.generators import ScriptedGenerator, wait_running
 from tests.auxil.sinks import RecordingSink
+from tests.auxil.waiting import until
 
 
 async def test_direct_message_round_trip_is_stored(manager: DialogueManager,
@@ -235,8 +238,8 @@ async def test_accepted_means_stored_before_the_answer_is_done(
     first = manager.submit(dm("one"), sink)
     second = manager.submit(dm("two"), sink)
     # Both are stored while the first is still being generated.
-    assert await asyncio.wait_for(second.accepted, 5) is Intake.TAKEN
-    assert await first.accepted is Intake.TAKEN
+    assert await asyncio.wait_for(second.accepted, 5) is Intake.STORED
+    assert await first.accepted is Intake.STORED
     assert await stored_texts(engine) == [("user", "one"), ("user", "two")]
     assert not first.done.done()
     generator.gate.set()
@@ -257,8 +260,8 @@ async def test_a_note_still_being_delivered_holds_up_no_intake(
     first = manager.submit(dm("/help"), sink)
     second = manager.submit(dm("store me"), sink)
     # The next message is stored, and may be confirmed, while the note is still waiting.
-    assert await asyncio.wait_for(second.accepted, 5) is Intake.TAKEN
-    assert await first.accepted is Intake.TAKEN
+    assert await asyncio.wait_for(second.accepted, 5) is Intake.STORED
+    assert await first.accepted is Intake.TAKEN  # a command: nothing to store
     assert await stored_texts(engine) == [("user", "store me")]
     assert sink.texts == []
     gate.set()
@@ -392,7 +395,7 @@ async def test_messages_arriving_while_stopping_are_stored_not_answered(
     await asyncio.sleep(0.05)
     late = manager.submit(dm("arrived while stopping"), sink)
     command = manager.submit(dm("/reset"), sink)
-    assert await late.accepted is Intake.TAKEN and await command.accepted is Intake.TAKEN
+    assert await late.accepted is Intake.STORED and await command.accepted is Intake.TAKEN
     await closing
     assert "arrived while stopping" not in sink.text and "Context cleared" not in sink.text
     assert [p.message.text for p in await manager.pending("telegram")] == [
@@ -429,3 +432,60 @@ async def test_in_a_group_only_the_asker_or_an_admin_may_stop_a_reply(
     await manager.handle(group("/stop", user="u3", chat_admin=True), other)
     assert other.texts[-1] == "Stopped."
     await asyncio.wait_for(running, 5)
+
+
+async def test_an_intake_a_stop_cuts_short_before_it_starts_is_settled_and_told(
+        store: SqlStore, settings: Settings, engine: AsyncEngine,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dialogue, "LATE_INTAKE_S", 0.0)
+    manager = DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
+                              commands=builtin_commands(), shutdown_grace=0.0)
+    sink = RecordingSink()
+    kept = manager.submit(dm("kept to try again", user="u8"), sink,
+                          on_failure=OnFailure.RETRY)
+    redelivered = manager.submit(dm("the platform has it", user="u9"), RecordingSink(),
+                                 on_failure=OnFailure.REDELIVER)
+    await manager.close()  # no time at all: both are cancelled before their first step
+    assert kept.accepted.result() is Intake.DROPPED
+    assert redelivered.accepted.result() is Intake.FAILED  # not confirmed: comes again
+    await asyncio.gather(kept, redelivered)
+    assert sink.texts == [INTAKE_FAILED_NOTE]
+    assert await stored_texts(engine) == []
+
+
+async def test_notes_cut_short_by_a_stop_do_not_cancel_their_callers(
+        store: SqlStore, settings: Settings) -> None:
+    class StuckSink(RecordingSink):
+        async def send(self, text: str, *, final: bool = False) -> str:
+            await asyncio.Event().wait()  # flood control for longer than the grace
+            raise AssertionError("unreachable")
+
+    manager = DialogueManager(store=store, generator=ScriptedGenerator(hang=True),
+                              settings=settings, commands=builtin_commands(),
+                              shutdown_grace=0.1)
+    sink = StuckSink()
+    tickets = [manager.submit(dm(text), sink)
+               for text in ("/help", "/help", "a question", "/help")]
+    await until(lambda: all(ticket.accepted.done() for ticket in tickets),
+                "every message taken")
+    await manager.close()
+    # What `handle` awaits ends normally: its caller was not cancelled, only the note or
+    # answer was.
+    assert await asyncio.gather(*(ticket.done for ticket in tickets),
+                                return_exceptions=True) == [None] * 4
+
+
+async def test_a_note_after_a_question_goes_out_at_once_one_before_it_first(
+        manager: DialogueManager, generator: ScriptedGenerator) -> None:
+    generator.gate = asyncio.Event()
+    sink = RecordingSink()
+    before = manager.submit(dm("/help"), sink)
+    question = manager.submit(dm("a question"), sink)
+    await wait_running(generator)
+    await before
+    during = manager.submit(dm("/help"), sink)
+    await asyncio.wait_for(during, 5)  # not held up by the reply being generated
+    assert [text[:9] for text in sink.texts] == ["Commands:", "Commands:"]
+    generator.gate.set()
+    await question
+    assert sink.texts[-1] == "a question"

@@ -51,6 +51,21 @@ def test_memory_holds_only_users_whose_allowance_is_not_full() -> None:
     assert limiter.tracked == 1
 
 
+def test_a_message_given_back_can_be_spent_again() -> None:
+    clock = Clock()
+    limiter = RateLimiter(per_minute=1, burst=2, clock=clock)
+    assert limiter.take("u") is None and limiter.take("u") is None
+    limiter.give_back("u")  # the second was not stored after all
+    assert limiter.take("u") is None
+    assert limiter.take("u") is not None
+    limiter.give_back("u")
+    limiter.give_back("u")
+    limiter.give_back("u")  # never more than the burst
+    assert [limiter.take("u") is None for _ in range(3)] == [True, True, False]
+    limiter.give_back("someone else")  # not tracked: full already, nothing to do
+    assert limiter.tracked == 1
+
+
 def test_zero_turns_the_limit_off() -> None:
     limiter = RateLimiter(per_minute=0, burst=10)
     assert all(limiter.take("u") is None for _ in range(1000))

@@ -14,11 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.discord import DiscordAdapter
 from adapters.telegram import TelegramAdapter
-from adapters.telegram import adapter as telegram_adapter
-from bot import dialogue
+from bot import dialogue, intake
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings
 from bot.dialogue import INTAKE_FAILED_NOTE, DialogueManager, Intake
+from bot.errors import StorageError
+from bot.store import NewUserMessage
 from storage import retries
 from storage.engine import create_engine
 from storage.migrate import upgrade
@@ -95,7 +96,7 @@ async def test_postgres_restart_while_a_message_arrives_is_retried(
         assert not ticket.accepted.done()  # still trying, not given up
     finally:
         await asyncio.to_thread(postgres_server.start)
-    assert await asyncio.wait_for(ticket.accepted, 20) is Intake.TAKEN
+    assert await asyncio.wait_for(ticket.accepted, 20) is Intake.STORED
     await ticket
     assert sink.texts == ["before", "during the restart"]
     assert await stored_texts(pg_engine) == [
@@ -185,7 +186,7 @@ def intake_failures(caplog: pytest.LogCaptureFixture) -> int:
 async def test_telegram_leaves_an_update_it_could_not_store_for_redelivery(
         quick_failing_store: tuple[SqlStore, AsyncEngine, str], settings: Settings,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(telegram_adapter, "REDELIVERY_DELAYS_S", (0.2,))
+    monkeypatch.setattr(intake, "RETRY_DELAYS_S", (0.2,))
     store, engine, path = quick_failing_store
     async with TelegramEmulator() as tg, \
             DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
@@ -219,7 +220,7 @@ async def test_discord_keeps_a_message_it_could_not_store_until_the_database_is_
         quick_failing_store: tuple[SqlStore, AsyncEngine, str], settings: Settings,
         discord_emulator: DiscordEmulator, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(dialogue, "INTAKE_RETRY_DELAYS_S", (0.2,))
+    monkeypatch.setattr(intake, "RETRY_DELAYS_S", (0.2,))
     store, engine, path = quick_failing_store
     dc = discord_emulator
     async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
@@ -240,8 +241,8 @@ async def test_discord_tells_the_user_when_a_message_is_finally_dropped(
         quick_failing_store: tuple[SqlStore, AsyncEngine, str], settings: Settings,
         discord_emulator: DiscordEmulator, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(dialogue, "INTAKE_RETRY_DELAYS_S", (0.2,))
-    monkeypatch.setattr(dialogue, "INTAKE_RETRY_S", 1.0)
+    monkeypatch.setattr(intake, "RETRY_DELAYS_S", (0.2,))
+    monkeypatch.setattr(intake, "INTAKE_RETRY_S", 1.0)
     store, engine, path = quick_failing_store
     dc = discord_emulator
     async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
@@ -257,3 +258,55 @@ async def test_discord_tells_the_user_when_a_message_is_finally_dropped(
                           == [INTAKE_FAILED_NOTE, "back again"]
                           and not manager.active_conversations)
     assert await stored_texts(engine) == [("user", "back again"), ("assistant", "back again")]
+
+
+def down(store: SqlStore, seconds: float, tries: list[str]) -> SqlStore:
+    """``store`` with the database down: each try to store a message (noted in ``tries``)
+    fails after ``seconds`` (the store's own retries take about 11 s; a stop's grace is
+    10 s)."""
+
+    class Down(SqlStore):
+        async def add_user_message(self, message: NewUserMessage):  # type: ignore[no-untyped-def]
+            tries.append(message.text)
+            await asyncio.sleep(seconds)
+            raise StorageError("database error: OperationalError: unable to open database")
+
+    failing = Down.__new__(Down)
+    failing.__dict__.update(store.__dict__)
+    return failing
+
+
+@pytest.mark.parametrize("try_s", [0.3, 30.0], ids=["tries-end", "a-try-cut-short"])
+async def test_a_stop_tells_every_discord_author_whose_message_was_kept_to_try_again(
+        try_s: float, store: SqlStore, settings: Settings, discord_emulator: DiscordEmulator,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(intake, "RETRY_DELAYS_S", (0.2,))
+    monkeypatch.setattr(dialogue, "LATE_INTAKE_S", 0.5)
+    dc = discord_emulator
+    tries: list[str] = []
+    manager = DialogueManager(store=down(store, try_s, tries), generator=ScriptedGenerator(),
+                              settings=settings, commands=builtin_commands(),
+                              shutdown_grace=0.2)
+    async with serve_discord(dc, manager) as adapter:
+        dc.post("kept during the outage", dm=True, author=7)
+        dc.post("queued behind it", dm=True, author=7)
+        if try_s < 1:
+            # The first one failed and waits to be tried again.
+            await dc.wait_for(lambda: intake_failures(caplog) >= 1)
+        else:
+            # The first one's try runs past the grace and the late intakes' time.
+            await dc.wait_for(lambda: tries == ["kept during the outage"])
+        await adapter.stop_receiving()
+        await manager.close()  # `chinwag run`'s order: the manager, then the clients
+        assert dialogue_intakes() == 0  # nothing of the manager outlives close()
+        # Each author told, while the client was still open, and nothing tried again.
+        assert dc.channel_texts(dc.dm_channel(7)) == [INTAKE_FAILED_NOTE] * 2
+    # The first is not tried again once stopping; the second gets its one try if there
+    # is time for it.
+    assert tries == (["kept during the outage", "queued behind it"] if try_s < 1
+                     else ["kept during the outage"])
+
+
+def dialogue_intakes() -> int:
+    return sum(task.get_name().startswith("chinwag:intake:") and not task.done()
+               for task in asyncio.all_tasks())

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from adapters.telegram import TelegramAdapter
+from adapters.telegram import TelegramAdapter, redelivery
 from adapters.telegram import adapter as telegram_adapter
+from bot import intake
 from bot.answering import SHUTDOWN_NOTE
 from bot.builtin_commands import builtin_commands
 from bot.commands import Access
@@ -415,8 +418,8 @@ async def test_an_update_is_acknowledged_only_after_its_message_is_stored(
 async def test_an_update_that_cannot_be_stored_is_fetched_again_and_blocks_nobody(
         emulator: TelegramEmulator, store: SqlStore, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(telegram_adapter, "REDELIVERY_DELAYS_S", (0.2,))
-    monkeypatch.setattr(telegram_adapter, "GIVE_UP_S", 2.0)
+    monkeypatch.setattr(intake, "RETRY_DELAYS_S", (0.2,))
+    monkeypatch.setattr(redelivery, "GIVE_UP_S", 2.0)
     tries: list[str] = []
 
     class PickyStore(SqlStore):
@@ -441,6 +444,157 @@ async def test_an_update_that_cannot_be_stored_is_fetched_again_and_blocks_nobod
         await emulator.wait_for(lambda: emulator.final_text(18) == [INTAKE_FAILED_NOTE]
                                 and max(emulator.offsets) == 3)
     assert len(set(tries)) == 1 and emulator.final_text(19) == ["fine"]
+
+
+def failing_store(store: SqlStore, fails: Callable[[NewUserMessage], bool]) -> SqlStore:
+    """``store``, except that storing a user message ``fails`` picks raises as a database
+    error does."""
+
+    class Failing(SqlStore):
+        async def add_user_message(self, message: NewUserMessage):  # type: ignore[no-untyped-def]
+            if fails(message):
+                raise StorageError("database error: OperationalError: disk I/O error")
+            return await super().add_user_message(message)
+
+    failing = Failing.__new__(Failing)
+    failing.__dict__.update(store.__dict__)
+    return failing
+
+
+async def test_a_chat_keeps_its_order_when_a_message_could_not_be_stored(
+        emulator: TelegramEmulator, store: SqlStore, settings: Settings, engine: AsyncEngine,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telegram_adapter, "HELD_POLL_S", 0.2)
+    monkeypatch.setattr(intake, "RETRY_DELAYS_S", (0.2,))
+    tries: list[str] = []
+
+    def fails(message: NewUserMessage) -> bool:
+        tries.append(message.text)
+        return message.text == "first" and tries.count("first") <= 2
+
+    async with DialogueManager(store=failing_store(store, fails),
+                               generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        # "second" comes in the same batch: it fails with "first", untried.
+        emulator.push_text("first", chat=30, user=30)
+        emulator.push_text("second", chat=30, user=30)
+        await emulator.wait_for(lambda: tries == ["first"])
+        # "third" comes while "first" waits to be tried again: it waits behind it.
+        emulator.push_text("third", chat=30, user=30)
+        await answered(emulator, manager, 30, ["first", "second", "third"])
+    assert tries == ["first", "first", "first", "second", "third"]
+    assert [text for role, text in await stored_texts(engine) if role == "user"] == [
+        "first", "second", "third"]
+
+
+async def test_a_message_delivered_again_spends_the_rate_allowance_once(
+        emulator: TelegramEmulator, store: SqlStore, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(intake, "RETRY_DELAYS_S", (0.2,))
+    strict = settings.model_copy(update={"rate_per_minute": 1.0, "rate_burst": 2})
+    tries: list[str] = []
+
+    def fails(message: NewUserMessage) -> bool:
+        tries.append(message.text)
+        return len(tries) <= 3
+
+    async with DialogueManager(store=failing_store(store, fails),
+                               generator=ScriptedGenerator(), settings=strict,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        emulator.push_text("only one message", chat=31, user=31)
+        await answered(emulator, manager, 31, ["only one message"])
+        emulator.push_text("and a second", chat=31, user=31)  # within the burst of two
+        await answered(emulator, manager, 31, ["only one message", "and a second"])
+    assert tries == ["only one message"] * 4 + ["and a second"]
+
+
+async def test_an_update_that_needs_no_storing_is_no_sign_the_database_works(
+        emulator: TelegramEmulator, store: SqlStore, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telegram_adapter, "HELD_POLL_S", 0.2)
+    monkeypatch.setattr(intake, "RETRY_DELAYS_S", (0.2,))
+    monkeypatch.setattr(redelivery, "GIVE_UP_S", 0.5)
+    tries: list[str] = []
+
+    def fails(message: NewUserMessage) -> bool:
+        tries.append(message.text)
+        return True  # the database is down
+
+    async with DialogueManager(store=failing_store(store, fails),
+                               generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        emulator.push_text("during the outage", chat=32, user=32)
+        emulator.push_message(emulator.user_message(chat=33, user=33, text="typo fixed",
+                                                    edit_date=1), kind="edited_message")
+        emulator.push_text("people talking", chat=GROUP, user=3, chat_type="supergroup")
+        # Tried again and again for longer than GIVE_UP_S (each wait is at least 0.2 s).
+        await emulator.wait_for(lambda: len(tries) >= 5)
+        assert max(emulator.offsets) <= 1  # nothing confirmed while nothing is stored
+        assert emulator.sent() == []  # and nobody told: Telegram delivers it again
+
+
+async def test_one_update_that_cannot_be_stored_does_not_stop_the_next_hundred(
+        emulator: TelegramEmulator, store: SqlStore, settings: Settings) -> None:
+    # getUpdates returns at most 100 updates from the offset: one held for GIVE_UP_S
+    # (300 s) would stop every chat once 99 more came. The others are stored, so the
+    # database works: it is given up at once, its author told.
+    fail = failing_store(store, lambda message: message.text == "cannot be stored")
+    async with DialogueManager(store=fail, generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        emulator.push_text("cannot be stored", chat=1000, user=1000)
+        for chat in range(1, 121):
+            emulator.push_text(f"hi {chat}", chat=chat, user=chat)
+        await emulator.wait_for(lambda: all(emulator.final_text(c) == [f"hi {c}"]
+                                            for c in range(1, 121)), timeout=30)
+        await emulator.wait_for(lambda: emulator.final_text(1000) == [INTAKE_FAILED_NOTE]
+                                and max(emulator.offsets) == 122)
+
+
+async def test_a_failing_update_is_tried_again_with_backoff_while_other_chats_talk(
+        emulator: TelegramEmulator, store: SqlStore, settings: Settings) -> None:
+    tried_at: list[float] = []
+
+    def fails(message: NewUserMessage) -> bool:
+        if message.text != "cannot be stored":
+            return False
+        tried_at.append(time.monotonic())
+        return True
+
+    async with DialogueManager(store=failing_store(store, fails),
+                               generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        emulator.push_text("cannot be stored", chat=40, user=40)
+        chat = 41
+        while len(tried_at) < 3:  # every new update comes while it waits for its next try
+            emulator.push_text(f"chatter {chat}", chat=chat, user=chat)
+            await emulator.wait_for(lambda chat=chat: emulator.final_text(chat)  # type: ignore[misc]
+                                    == [f"chatter {chat}"])
+            chat += 1
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tried_at)]
+    # (Lower bounds only: a loaded machine stretches waits, it never shortens them.)
+    assert all(gap >= 0.95 * wait for gap, wait in zip(gaps, intake.RETRY_DELAYS_S,
+                                                        strict=False)), gaps
+    assert chat > 42  # other chats were answered meanwhile
+
+
+async def test_a_command_answer_goes_out_before_the_reply_to_the_next_message(
+        emulator: TelegramEmulator, store: SqlStore, settings: Settings) -> None:
+    emulator.fail("sendMessage", 429, "Too Many Requests: retry after 1", retry_after=1)
+    async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
+                               commands=builtin_commands()) as manager, \
+            serving(emulator, manager):
+        emulator.push_text("/reset", chat=34, user=34)
+        emulator.push_text("hi", chat=34, user=34)
+        await emulator.wait_for(lambda: len(emulator.final_text(34)) == 2
+                                and not manager.active_conversations)
+    assert len(emulator.failed("sendMessage")) == 1
+    cleared, reply = emulator.final_text(34)
+    assert cleared.startswith("Context cleared") and reply == "hi"
 
 
 async def test_a_restart_mid_conversation_neither_loses_nor_duplicates(

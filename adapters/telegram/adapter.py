@@ -6,14 +6,10 @@ acknowledged to Telegram (by the next ``getUpdates`` offset) only after the dial
 has stored its message: a stop at any moment loses nothing, and a redelivered update is
 recognised by its message id.
 
-The offset confirms every update below it, so it stops at the oldest update not yet
-stored, while the poller goes on fetching and dispatching newer ones (and skips those it
-has dispatched already): one chat whose intake is slow holds up no other chat. An update
-whose message could not be stored (the database is down) is not confirmed; Telegram gives
-it back at the next fetch and it is tried again, with backoff. Only when other updates are
-being stored meanwhile (the database works, this message does not) and it has failed for
-``GIVE_UP_S`` is it tried one last time, its author told, and confirmed, so one such update
-cannot hold the offset for ever.
+Which updates the offset may pass, and when one whose message could not be stored (the
+database is down) is tried again or given up, is ``HeldUpdates``'s business
+(``redelivery.py``): one chat whose intake is slow or failing holds up no other, a chat
+keeps its order, and nothing is confirmed unstored unless the database is seen to work.
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Self
@@ -42,9 +37,10 @@ from telegram.request import HTTPXRequest
 from adapters.telegram.admins import ChatAdmins
 from adapters.telegram.normalize import PLATFORM, normalize
 from adapters.telegram.pacing import ChatPacer
+from adapters.telegram.redelivery import HeldUpdates
 from adapters.telegram.sink import TelegramSink, retry_seconds
 from bot.commands import CommandRegistry
-from bot.dialogue import DialogueManager, Intake, OnFailure, Ticket
+from bot.dialogue import DialogueManager, OnFailure, Ticket
 from bot.errors import ConfigError, DeliveryError
 from bot.events import IncomingMessage
 
@@ -56,23 +52,6 @@ CONNECTIONS = 128
 HELD_POLL_S = 1.0
 """While an update is held unconfirmed, Telegram answers at once with it again: fetch at
 most this often then, and new updates wait at most this long."""
-REDELIVERY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
-"""Waits before an update that could not be stored is tried again; the last repeats."""
-GIVE_UP_S = 300.0
-
-
-@dataclass
-class _Held:
-    """An update dispatched but not confirmed yet: the offset has not passed it."""
-
-    ticket: Ticket | None
-    """Its intake, while one runs; None once settled (or if it needed none)."""
-    stored: bool = False
-    """Taken: the offset may pass it."""
-    failed_since: float | None = None
-    failures: int = 0
-    retry_at: float = 0.0
-    last_try: bool = False
 
 
 class TelegramAdapter:
@@ -88,8 +67,7 @@ class TelegramAdapter:
         self._pacer = ChatPacer(clock)
         self._admins = ChatAdmins(self._bot, clock)
         self._clock = clock
-        self._offset: int | None = None
-        self._held: dict[int, _Held] = {}
+        self._held = HeldUpdates(clock)
         self._poller: asyncio.Task[None] | None = None
 
     @property
@@ -152,11 +130,11 @@ class TelegramAdapter:
         poller.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConfigError):
             await poller
-        self._settle()
-        if self._offset is not None:
+        self._held.settle()
+        if self._held.offset is not None:
             with contextlib.suppress(TelegramError):
                 # Confirms everything below the offset; what it returns is redelivered later.
-                await self._bot.get_updates(offset=self._offset, limit=1, timeout=0)
+                await self._bot.get_updates(offset=self._held.offset, limit=1, timeout=0)
 
     async def _resume(self) -> None:
         """Answer what a stop left unanswered (accepted but not replied to)."""
@@ -172,13 +150,14 @@ class TelegramAdapter:
     async def _poll(self) -> None:
         delay = 1.0
         while True:
-            if self._held:
+            if self._held.holding:
                 await self._wait_for_intakes()
-            if not self._settle():
+            if not self._held.settle():
                 return  # shutting down: the rest is redelivered after the restart
             try:
                 updates = await self._bot.get_updates(
-                    offset=self._offset, timeout=0 if self._held else self._poll_timeout,
+                    offset=self._held.offset,
+                    timeout=0 if self._held.holding else self._poll_timeout,
                     allowed_updates=ALLOWED_UPDATES)
             except (InvalidToken, Forbidden) as exc:
                 logger.error("telegram: the token was refused (%s); stopping", exc)
@@ -196,8 +175,7 @@ class TelegramAdapter:
 
     async def _wait_for_intakes(self) -> None:
         """Until the held updates' intakes end, or ``HELD_POLL_S`` has passed."""
-        running = [held.ticket.accepted for held in self._held.values()
-                   if held.ticket is not None and not held.ticket.accepted.done()]
+        running = self._held.running()
         if running:
             await asyncio.wait(running, timeout=HELD_POLL_S)
         else:
@@ -205,48 +183,11 @@ class TelegramAdapter:
 
     def _receive(self, updates: Sequence[Update]) -> None:
         """Dispatch what is new, and what is due to be tried again, in update order."""
-        now = self._clock()
-        # A new update goes after the failed ones before it, so a chat keeps its order.
-        fresh = any(update.update_id not in self._held for update in updates)
-        # Others are being stored: the database works and only these updates fail.
-        others_stored = any(held.stored for held in self._held.values())
-        for update in updates:
-            held = self._held.get(update.update_id)
-            if held is None:
-                ticket = self._dispatch(update, OnFailure.REDELIVER)
-                self._held[update.update_id] = _Held(ticket, stored=ticket is None)
-            elif held.ticket is None and not held.stored and (fresh or now >= held.retry_at):
-                assert held.failed_since is not None
-                held.last_try = others_stored and now - held.failed_since >= GIVE_UP_S
-                held.ticket = self._dispatch(
-                    update, OnFailure.TELL if held.last_try else OnFailure.REDELIVER)
-                held.stored = held.ticket is None
-
-    def _settle(self) -> bool:
-        """Note how the held updates' intakes ended and move the offset past those stored;
-        False once the manager takes no more."""
-        now = self._clock()
-        for held in self._held.values():
-            if held.ticket is None or not held.ticket.accepted.done():
-                continue
-            intake = held.ticket.accepted.result()
-            held.ticket = None
-            if intake is Intake.CLOSED:
-                return False
-            if intake is Intake.TAKEN or held.last_try:
-                held.stored = True  # on a last try that failed, its author was told
-                continue
-            if held.failed_since is None:
-                held.failed_since = now
-            held.retry_at = now + REDELIVERY_DELAYS_S[
-                min(held.failures, len(REDELIVERY_DELAYS_S) - 1)]
-            held.failures += 1
-        for update_id in sorted(self._held):
-            if not self._held[update_id].stored:
-                break
-            del self._held[update_id]
-            self._offset = update_id + 1
-        return True
+        by_id = {update.update_id: update for update in updates}
+        self._held.receive(
+            [(update.update_id, update.message.chat.id if update.message else None)
+             for update in updates],
+            lambda update_id, on_failure: self._dispatch(by_id[update_id], on_failure))
 
     def _dispatch(self, update: Update, on_failure: OnFailure) -> Ticket | None:
         message = update.message
