@@ -136,12 +136,14 @@ async def test_fifty_chats_at_once_each_get_their_own_answer(
 
 # Commands.
 
-async def test_commands_with_and_without_the_bot_name(tg: TelegramEmulator) -> None:
+async def test_commands_with_and_without_the_bot_name(tg: TelegramEmulator,
+                                                      manager: DialogueManager) -> None:
     tg.push_text("/help@other_bot", chat=-9, user=4, chat_type="group")
     tg.push_text("/help@chinwag_bot", chat=-9, user=4, chat_type="group")
     tg.push_text("/help", chat=-9, user=4, chat_type="group")
-    await tg.wait_for(lambda: len(tg.final_text(-9)) == 2)
-    await asyncio.sleep(0.3)
+    # All three confirmed and nothing left to send: whatever was to be said, was.
+    await tg.wait_for(lambda: tg.pending_updates == 0 and manager.active_conversations == 0
+                      and len(tg.final_text(-9)) >= 2)
     assert len(tg.final_text(-9)) == 2
     assert all(text.startswith("Commands:") for text in tg.final_text(-9))
 
@@ -408,8 +410,9 @@ async def test_an_update_is_acknowledged_only_after_its_message_is_stored(
             serving(emulator, manager):
         emulator.push_text("store me first", chat=14, user=14)
         await asyncio.wait_for(entered.wait(), 10)
-        await asyncio.sleep(0.5)
-        assert max(emulator.offsets) <= 1  # update 1 not confirmed while not stored
+        polls = len(emulator.sent("getUpdates"))  # the poller goes on meanwhile...
+        await emulator.wait_for(lambda: len(emulator.sent("getUpdates")) >= polls + 2)
+        assert max(emulator.offsets) <= 1  # ...but update 1 is not confirmed while not stored
         gate.set()
         await emulator.wait_for(lambda: emulator.final_text(14) == ["store me first"])
         await emulator.wait_for(lambda: max(emulator.offsets) == 2)
@@ -625,8 +628,8 @@ async def test_a_restart_mid_conversation_neither_loses_nor_duplicates(
     async with DialogueManager(store=store, generator=second, settings=settings,
                                commands=builtin_commands()) as manager, \
             serving(emulator, manager):
-        await emulator.wait_for(lambda: emulator.final_text(15) == ["one", "two", "three"])
-        await asyncio.sleep(0.5)
+        await emulator.wait_for(lambda: emulator.final_text(15) == ["one", "two", "three"]
+                                and manager.active_conversations == 0)
     assert [m[-1].content for m in second.prompts] == ["two", "three"]
     # "two" went into the message its interrupted try left; only "three" is new.
     assert emulator.final_text(15) == ["one", "two", "three"]
