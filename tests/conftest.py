@@ -24,6 +24,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith("CHINWAG_"):
             monkeypatch.delenv(name)
+    # Every server a test talks to is on loopback; httpx and aiohttp honour proxy settings.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.chdir(tmp_path)
 
 
@@ -48,6 +50,25 @@ def settings(tmp_path: Path) -> Settings:
     # No rate limit here: tests send bursts on purpose; tests of the limit turn it on.
     return load_settings(data_dir=tmp_path / "data", generator="echo", edit_interval=0.0,
                          admins="telegram:admin1", rate_per_minute=0)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database_url(request: pytest.FixtureRequest, settings: Settings) -> str:
+    """A SQLite file, or a new database on the real PostgreSQL server: a test that takes
+    it runs on both backends."""
+    if request.param == "sqlite":
+        return settings.database_url
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()
+
+
+@pytest.fixture
+async def any_engine(any_database_url: str) -> AsyncIterator[AsyncEngine]:
+    """A migrated engine on each backend (see ``any_database_url``)."""
+    engine = create_engine(any_database_url)
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import func, select
@@ -11,13 +10,10 @@ from bot.commands import Access, Argument, Command, parse_arguments, parse_call
 from bot.config import Settings
 from bot.dialogue import DialogueManager
 from bot.errors import CommandError
-from storage.engine import create_engine
-from storage.migrate import upgrade
 from storage.models import MessageRow, PlatformMessageRow, UsageRow, UserRow
 from storage.repository import SqlStore
 from tests.auxil.factories import dm, group
 from tests.auxil.generators import ScriptedGenerator, wait_running
-from tests.auxil.postgres import PostgresServer
 from tests.auxil.sinks import RecordingSink
 
 
@@ -158,21 +154,6 @@ async def rows_about(engine: AsyncEngine, user: str) -> dict[str, int]:
                                  .where(UsageRow.user_id == user)),
             "links": await count(select(func.count()).select_from(PlatformMessageRow)),
         }
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def any_engine(request: pytest.FixtureRequest,
-                     settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """A SQLite file or a real PostgreSQL server (where the reply's insert would fail)."""
-    if request.param == "sqlite":
-        url = settings.database_url
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        url = server.create_database()
-    engine = create_engine(url)
-    await upgrade(engine)
-    yield engine
-    await engine.dispose()
 
 
 async def test_forget_while_a_reply_streams_ends_it_quietly(

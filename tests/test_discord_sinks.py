@@ -17,11 +17,6 @@ from bot.events import IncomingMessage, ReplySink
 from tests.auxil.discord_api import DiscordEmulator
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 class SinkCatcher:
     """Stands in for the dialogue manager: keeps the sink each message would be answered
     through, so the test can drive it."""

@@ -93,11 +93,6 @@ def ours(records: Sequence[logging.LogRecord]) -> list[logging.LogRecord]:
             and r.name.split(".")[0] in {"bot", "adapters", "storage", "telegram", "discord"}]
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 @asynccontextmanager
 async def chinwag(folder: Path, generator: ScriptedGenerator
                   ) -> AsyncIterator[tuple[DialogueManager, SqlStore, AsyncEngine]]:

@@ -29,7 +29,6 @@ from storage.backup import copies_of
 from storage.engine import create_engine
 from storage.migrate import downgrade, head_revision, upgrade
 from storage.repository import SqlStore
-from tests.auxil.postgres import PostgresServer
 from tests.auxil.process import ROOT, chinwag
 
 EARLIER = ["0001", "0002", "0003", "0004", "0005"]
@@ -146,16 +145,10 @@ async def foreign_key_problems(engine: AsyncEngine) -> list[Any]:
         return list((await connection.exec_driver_sql("PRAGMA foreign_key_check")).all())
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def bare(request: pytest.FixtureRequest,
-               settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """An engine on an empty database: no migration has run."""
-    if request.param == "sqlite":
-        url = settings.database_url
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        url = server.create_database()
-    engine = create_engine(url)
+@pytest.fixture
+async def bare(any_database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on an empty database, on each backend: no migration has run."""
+    engine = create_engine(any_database_url)
     yield engine
     await engine.dispose()
 

@@ -26,11 +26,6 @@ PARAMS = GenerationParams(max_new_tokens=64, temperature=0.2, top_p=0.9)
 ASK = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi?")]
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 async def server() -> AsyncIterator[FakeOpenAI]:
     async with FakeOpenAI(api_key="sk-test") as server:

@@ -1,4 +1,3 @@
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,7 +14,6 @@ from storage.engine import create_engine
 from storage.migrate import head_revision, upgrade
 from storage.models import Base, MessageRow, PlatformMessageRow, UsageRow, UserRow
 from storage.repository import SqlStore
-from tests.auxil.postgres import PostgresServer
 
 
 def user_message(conversation_id: int, platform_id: str, text: str = "hello", *,
@@ -36,19 +34,10 @@ def reply(conversation_id: int, to: int, ids: list[str], text: str = "hi there",
                     generation_ms=120, platform_message_ids=ids)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest,
-                 settings: Settings) -> AsyncIterator[AsyncEngine]:
+@pytest.fixture
+def engine(any_engine: AsyncEngine) -> AsyncEngine:
     """Every storage test runs on a SQLite file and on a real PostgreSQL server."""
-    if request.param == "sqlite":
-        url = settings.database_url
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        url = server.create_database()
-    engine = create_engine(url)
-    await upgrade(engine)
-    yield engine
-    await engine.dispose()
+    return any_engine
 
 
 async def test_migrations_match_the_models(engine: AsyncEngine) -> None:

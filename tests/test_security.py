@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -181,8 +180,3 @@ async def test_database_password_never_reaches_the_logs(
     assert all(failed.returncode != 0 for failed in failures)
     for output in [log, *(f.stdout + f.stderr for f in failures)]:
         assert not any(form in output for form in password_forms()), output
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

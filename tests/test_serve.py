@@ -43,11 +43,6 @@ ASK = [ChatMessage("system", "You are a helpful assistant."),
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.1)
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 async def collect(generator: OpenAIGenerator, params: GenerationParams = GREEDY) -> str:
     return "".join([piece async for piece in generator.stream(ASK, params)])
 

@@ -33,6 +33,30 @@ from tests.auxil.sinks import RecordingSink
 from tests.auxil.telegram_api import TelegramEmulator
 
 
+@contextmanager
+def sqlite_write_lock(path: str) -> Iterator[threading.Event]:
+    """Another connection holds the SQLite file's write lock for the duration, or until
+    the event it gives is set."""
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(60)
+        other.execute("COMMIT")
+        other.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert locked.wait(5)
+    try:
+        yield release
+    finally:
+        release.set()
+        holder.join()
+
+
 async def test_sqlite_locked_by_another_writer_is_retried(
         settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     # A short busy timeout, so the lock outlasts SQLite's own waiting and the store's
@@ -42,26 +66,10 @@ async def test_sqlite_locked_by_another_writer_is_retried(
     store = SqlStore(engine)
     conversation = await store.conversation("telegram:1")
     path = settings.database_url.split(":///", 1)[1]
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_the_write_lock() -> None:
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        locked.set()
-        release.wait(5)
-        other.execute("COMMIT")
-        other.close()
-
-    holder = threading.Thread(target=hold_the_write_lock)
-    holder.start()
-    locked.wait(5)
-    asyncio.get_running_loop().call_later(0.5, release.set)
     caplog.set_level(logging.WARNING, logger="storage.retries")
-    try:
+    with sqlite_write_lock(path) as release:
+        asyncio.get_running_loop().call_later(0.5, release.set)
         await store.set_persona(conversation.id, "a pirate")
-    finally:
-        release.set()
-        holder.join()
     assert (await store.conversation("telegram:1")).persona == "a pirate"
     assert any("database unavailable (OperationalError)" in r.getMessage()
                for r in caplog.records)
@@ -143,29 +151,6 @@ async def test_every_pooled_connection_busy_is_waited_out(
 
 
 # The database fails while a platform's message is taken in.
-
-@contextmanager
-def sqlite_write_lock(path: str) -> Iterator[None]:
-    """Another connection holds the SQLite file's write lock for the duration."""
-    locked, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        locked.set()
-        release.wait(60)
-        other.execute("COMMIT")
-        other.close()
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert locked.wait(5)
-    try:
-        yield
-    finally:
-        release.set()
-        holder.join()
-
 
 @pytest.fixture
 async def quick_failing_store(settings: Settings, monkeypatch: pytest.MonkeyPatch

@@ -35,11 +35,6 @@ ADMIN = 42
 GROUP = -100
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"admins": (f"telegram:{ADMIN}",)})

@@ -19,11 +19,6 @@ BURST = 3
 ADMIN, MEMBER = 8, 9
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"rate_per_minute": 1.0, "rate_burst": BURST})

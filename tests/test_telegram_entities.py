@@ -18,11 +18,6 @@ ASTRAL = "🙂👍🏽 𝔥𝔢𝔶 🇺🇦"
 """Emoji, a skin-tone modifier, mathematical letters and a flag: all outside the BMP."""
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 async def tg(manager: DialogueManager) -> AsyncIterator[TelegramEmulator]:
     async with TelegramEmulator() as emulator, \
