@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
 
-from bot import __version__
+from pythonjsonlogger.json import JsonFormatter
+
+from bot import __version__, log_context
 from bot.errors import ChinwagError, ConfigError
 
 
@@ -47,16 +50,47 @@ class _Redacting(logging.Formatter):
         return redact(super().format(record), self._secrets)
 
 
+class _RedactingJson(JsonFormatter):
+    """One JSON object a line, secrets blanked as in text logs: also as JSON writes them
+    (a password with a quote or a non-ASCII letter is escaped there)."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s",
+                         rename_fields={"levelname": "level", "name": "logger"})
+        kept = [s for s in secrets if len(s) >= 6]
+        self._secrets = sorted({*kept, *(json.dumps(s)[1:-1] for s in kept)}, key=len,
+                               reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self._secrets)
+
+
+class _AboutFields(logging.Filter):
+    """Adds the conversation and message a line is about (``bot.log_context``) as the
+    record's ``conversation`` and ``message_id``, for the JSON format's fields."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        conversation = log_context.conversation.get()
+        if conversation is not None:
+            record.conversation = conversation
+            record.message_id = log_context.message_id.get()
+        return True
+
+
 def redact(text: str, secrets: Sequence[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, "[redacted]")
     return text
 
 
-def _configure_logging(level: str, secrets: Sequence[str] = ()) -> None:
+def _configure_logging(level: str, secrets: Sequence[str] = (), fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                    secrets))
+    if fmt == "json":
+        handler.setFormatter(_RedactingJson(secrets))
+        handler.addFilter(_AboutFields())
+    else:
+        handler.setFormatter(_Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                        secrets))
     logging.basicConfig(level=level, handlers=[handler])
     # Their INFO lines are about HTTP requests and model internals, not our conversations.
     for noisy in ("httpx", "transformers", "aiosqlite", "alembic"):
@@ -79,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = "DEBUG" if args.verbose else settings.log_level
         # The terminal chat shows only problems; its conversation is the output.
         _configure_logging("WARNING" if args.command == "console" and not args.verbose
-                           else level, secrets)
+                           else level, secrets, settings.log_format)
         if args.command == "console":
             asyncio.run(app.console(settings))
         elif args.command == "run":

@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     """Servers to register slash commands in at once (global registration can take an
     hour to show); empty means global."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object a line, with the conversation and message as fields."""
 
     @field_validator("admins", "discord_guild_ids", mode="before")
     @classmethod

@@ -35,7 +35,7 @@ from functools import partial
 from types import TracebackType
 from typing import Self
 
-from bot import intake
+from bot import intake, log_context
 from bot.answering import Question, Responder
 from bot.commands import CommandRegistry
 from bot.config import Settings
@@ -217,6 +217,7 @@ class DialogueManager:
                       previous: asyncio.Task[None] | None, message: IncomingMessage,
                       sink: ReplySink, chat_admin: AdminCheck | None,
                       on_failure: OnFailure, ticket: Ticket) -> None:
+        log_context.bind(key, message.message_id)
         queued = False
         try:
             if previous is not None:
@@ -372,6 +373,7 @@ class DialogueManager:
                     lane.note_done.clear()
                     await lane.note_done.wait()
                 question = answer.question
+                log_context.bind(key, question.platform_message_id)
                 lane.answering = question
                 try:
                     await self._responder.answer(question, answer.sink)

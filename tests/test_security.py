@@ -2,10 +2,12 @@
 users cost nothing, and secrets never reach the logs."""
 
 import asyncio
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -92,7 +94,8 @@ async def test_blocked_users_get_nothing_generated_or_stored(
     assert row == (True, "User u9")  # the attempt: who, and when (last_seen_at)
 
 
-async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_secrets_never_reach_the_logs(tmp_path: Path, log_format: str) -> None:
     model_key = "sk-test-MODEL-KEY-0123456789"
     async with TelegramEmulator() as telegram, DiscordEmulator() as discord, \
             FakeOpenAI(echo=True, api_key=model_key) as model:
@@ -118,7 +121,7 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
             "CHINWAG_DISCORD_GATEWAY_URL": discord.gateway_url,
             "CHINWAG_GENERATOR": "openai", "CHINWAG_OPENAI_BASE_URL": model.url,
             "CHINWAG_OPENAI_API_KEY": model_key, "CHINWAG_MODEL": "fake",
-            "CHINWAG_LOG_LEVEL": "DEBUG",
+            "CHINWAG_LOG_LEVEL": "DEBUG", "CHINWAG_LOG_FORMAT": log_format,
         }, tmp_path, scenario)
         # Errors printed on the way out are blanked too: the API, given a URL with the
         # token in it, refuses. (The emulator must be up and answering, in this loop: start-up
@@ -127,6 +130,7 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
             chinwag, "run", env={"CHINWAG_TELEGRAM_TOKEN": telegram.token,
                                  "CHINWAG_TELEGRAM_API_URL": f"{telegram.url}/bot{telegram.token}",
                                  "CHINWAG_GENERATOR": "echo",
+                                 "CHINWAG_LOG_FORMAT": log_format,
                                  "CHINWAG_DATA_DIR": str(tmp_path)}, timeout=60)
     assert "answered" in log  # the log is there, at DEBUG
     assert "retrying in" in log  # and the network errors, with the URLs they quote
@@ -134,6 +138,23 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
         assert secret not in log
     assert failed.returncode != 0
     assert telegram.token not in failed.stdout + failed.stderr
+    if log_format == "json":
+        assert_json_lines_about_messages(log)
+
+
+def assert_json_lines_about_messages(log: str) -> None:
+    """Every line is one JSON object; lines about a message name it and its conversation."""
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]
+    assert all({"asctime", "level", "logger", "message"} <= line.keys() for line in lines)
+    about = {(line["conversation"], line["message_id"]) for line in lines
+             if "conversation" in line}
+    platforms = {key.split(":")[0] for key, message in about if message}
+    assert platforms == {"telegram", "discord"}, about
+    assert any(key == "telegram:11" for key, _message in about)
+    # The core's lines that name the conversation in their text carry it as a field too.
+    named = [line for line in lines if line["logger"].startswith("bot.")
+             and line["message"].startswith("telegram:11:")]
+    assert named and all(line.get("conversation") == "telegram:11" for line in named), named
 
 
 DB_PASSWORD = "pg-P@ss/w0rd:SECRET-42"
