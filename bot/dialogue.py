@@ -43,9 +43,7 @@ from bot.errors import DeliveryError, StorageError
 from bot.events import IncomingMessage, ReplySink
 from bot.generators import Generator as TextGenerator
 from bot.intake import (
-    EMPTY_NOTE,
     INTAKE_FAILED_NOTE,
-    RATE_LIMITED_NOTE,
     AdminCheck,
     Checks,
     Decision,
@@ -57,9 +55,6 @@ from bot.intake import (
 from bot.ratelimit import RateLimiter
 from bot.store import PendingMessage, Store
 from bot.streaming import ReplyStream
-
-__all__ = ["EMPTY_NOTE", "INTAKE_FAILED_NOTE", "RATE_LIMITED_NOTE", "AdminCheck",
-           "DialogueManager", "Intake", "OnFailure", "Ticket"]
 
 logger = logging.getLogger(__name__)
 

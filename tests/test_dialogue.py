@@ -8,8 +8,9 @@ from bot import dialogue
 from bot.answering import SHUTDOWN_NOTE, TRUNCATED_NOTE
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings
-from bot.dialogue import EMPTY_NOTE, INTAKE_FAILED_NOTE, DialogueManager, Intake, OnFailure
+from bot.dialogue import DialogueManager
 from bot.generators import ChatMessage
+from bot.intake import EMPTY_NOTE, INTAKE_FAILED_NOTE, Intake, OnFailure
 from storage.repository import SqlStore
 from tests.auxil.db import stored_texts
 from tests.auxil.factories import dm, group

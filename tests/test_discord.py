@@ -6,7 +6,6 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from bot.config import Settings
 from bot.dialogue import DialogueManager
 from bot.errors import ConfigError
 from storage.repository import SqlStore
+from tests.auxil.adapters import discord_adapter
 from tests.auxil.discord_api import APP_ID, BOT_ROLE, CHANNEL, GUILD, DiscordEmulator
 from tests.auxil.generators import ScriptedGenerator, wait_running
 from tests.auxil.process import serve_until_sigterm
@@ -32,15 +32,6 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"admins": (f"discord:{ADMIN}",)})
 
 
-@asynccontextmanager
-async def serving(emulator: DiscordEmulator,
-                  manager: DialogueManager) -> AsyncIterator[DiscordAdapter]:
-    async with DiscordAdapter(emulator.token, manager, builtin_commands(),
-                              api_url=emulator.api_url,
-                              gateway_url=emulator.gateway_url) as adapter:
-        yield adapter
-
-
 @pytest.fixture
 async def emulator() -> AsyncIterator[DiscordEmulator]:
     async with DiscordEmulator() as emulator:
@@ -51,7 +42,7 @@ async def emulator() -> AsyncIterator[DiscordEmulator]:
 @pytest.fixture
 async def dc(emulator: DiscordEmulator,
              manager: DialogueManager) -> AsyncIterator[DiscordEmulator]:
-    async with serving(emulator, manager):
+    async with discord_adapter(emulator, manager):
         yield emulator
 
 
@@ -332,7 +323,7 @@ async def test_a_refused_message_content_intent_is_one_clear_error(
         emulator: DiscordEmulator, manager: DialogueManager) -> None:
     emulator.refuse_message_content = True
     with pytest.raises(ConfigError, match="message content intent"):
-        async with serving(emulator, manager):
+        async with discord_adapter(emulator, manager):
             pass
 
 
@@ -370,7 +361,7 @@ async def test_a_restart_answers_what_the_stop_left_and_nothing_twice(
     dm = emulator.dm_channel(15)
     async with DialogueManager(store=store, generator=first, settings=settings,
                                commands=builtin_commands(), shutdown_grace=1.0) as manager:
-        async with serving(emulator, manager) as adapter:
+        async with discord_adapter(emulator, manager) as adapter:
             emulator.post("one", author=15, dm=True)
             await answered(emulator, manager, dm, ["one"])
             first.hang = True
@@ -387,7 +378,7 @@ async def test_a_restart_answers_what_the_stop_left_and_nothing_twice(
     second = ScriptedGenerator()
     async with DialogueManager(store=store, generator=second, settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            discord_adapter(emulator, manager):
         # "two" is written into the message its interrupted try left, not under it.
         await answered(emulator, manager, dm, ["one", "two", "three", "four"])
     assert [m[-1].content for m in second.prompts] == ["two", "three", "four"]
@@ -401,7 +392,7 @@ async def test_a_shorter_answer_after_a_restart_deletes_what_the_cut_reply_left(
     dm = emulator.dm_channel(16)
     async with DialogueManager(store=store, generator=first, settings=settings,
                                commands=builtin_commands(), shutdown_grace=0.2) as manager:
-        async with serving(emulator, manager) as adapter:
+        async with discord_adapter(emulator, manager) as adapter:
             emulator.post("a long story", author=16, dm=True)
             await emulator.wait_for(lambda: len(emulator.channel_texts(dm)) == 2)
             await adapter.stop_receiving()
@@ -412,7 +403,7 @@ async def test_a_shorter_answer_after_a_restart_deletes_what_the_cut_reply_left(
     second.reply = lambda _messages: "short now"
     async with DialogueManager(store=store, generator=second, settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            discord_adapter(emulator, manager):
         await answered(emulator, manager, dm, ["short now"])
     assert [i for i, m in emulator.messages.items() if m["channel_id"] == dm] == left[:1]
     assert [r.path for r in emulator.calls("DELETE", "/messages/")] == \

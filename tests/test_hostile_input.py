@@ -21,8 +21,6 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from adapters.discord import DiscordAdapter
-from adapters.telegram import TelegramAdapter
 from adapters.telegram.formatting import to_html
 from bot.builtin_commands import builtin_commands
 from bot.config import load_settings
@@ -33,6 +31,7 @@ from storage.engine import create_engine
 from storage.migrate import upgrade
 from storage.models import ConversationRow, MessageRow
 from storage.repository import SqlStore
+from tests.auxil.adapters import discord_adapter, telegram_adapter
 from tests.auxil.discord_api import DiscordEmulator
 from tests.auxil.generators import ScriptedGenerator
 from tests.auxil.telegram_api import BOT, TelegramEmulator, entity, find_entities
@@ -194,8 +193,7 @@ async def test_hostile_text_through_telegram(texts: list[str], outputs: list[str
     with tempfile.TemporaryDirectory() as folder:
         async with chinwag(Path(folder), with_output(outputs)) as (manager, _store, engine), \
                 TelegramEmulator() as tg, \
-                TelegramAdapter(tg.token, manager, builtin_commands(), api_url=tg.url,
-                                poll_timeout=1):
+                telegram_adapter(tg, manager):
             messages = conversation_texts(texts, outputs)
             for chat, text in enumerate(messages, start=1):
                 tg.push_text(text, chat=chat, user=chat)
@@ -229,8 +227,7 @@ async def test_hostile_text_in_telegram_groups(texts: list[str], outputs: list[s
     with tempfile.TemporaryDirectory() as folder:
         async with chinwag(Path(folder), with_output(outputs)) as (manager, _store, engine), \
                 TelegramEmulator() as tg, \
-                TelegramAdapter(tg.token, manager, builtin_commands(), api_url=tg.url,
-                                poll_timeout=1):
+                telegram_adapter(tg, manager):
             messages = [*texts, *(f"say output {n}" for n in range(len(outputs)))]
             groups = [-100 - n for n in range(len(messages))]
             for group, text, (how, astral) in zip(groups, messages, ways, strict=True):
@@ -261,8 +258,7 @@ async def test_hostile_text_through_discord(texts: list[str], outputs: list[str]
     with tempfile.TemporaryDirectory() as folder:
         async with chinwag(Path(folder), with_output(outputs)) as (manager, _store, engine), \
                 DiscordEmulator() as dc, \
-                DiscordAdapter(dc.token, manager, builtin_commands(), api_url=dc.api_url,
-                               gateway_url=dc.gateway_url) as adapter:
+                discord_adapter(dc, manager) as adapter:
             serving = asyncio.create_task(adapter.serve())
             try:
                 await dc.ready(timeout=30)

@@ -12,18 +12,18 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from adapters.discord import DiscordAdapter
-from adapters.telegram import TelegramAdapter
 from bot import dialogue, intake
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings
-from bot.dialogue import INTAKE_FAILED_NOTE, DialogueManager, Intake
+from bot.dialogue import DialogueManager
 from bot.errors import StorageError
+from bot.intake import INTAKE_FAILED_NOTE, Intake
 from bot.store import NewUserMessage
 from storage import retries
 from storage.engine import create_engine
 from storage.migrate import upgrade
 from storage.repository import SqlStore
+from tests.auxil.adapters import discord_adapter, telegram_adapter
 from tests.auxil.db import stored_texts
 from tests.auxil.discord_api import DiscordEmulator
 from tests.auxil.factories import dm
@@ -176,8 +176,7 @@ async def test_telegram_leaves_an_update_it_could_not_store_for_redelivery(
     async with TelegramEmulator() as tg, \
             DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
                             commands=builtin_commands()) as manager, \
-            TelegramAdapter(tg.token, manager, builtin_commands(), api_url=tg.url,
-                            poll_timeout=1):
+            telegram_adapter(tg, manager):
         with sqlite_write_lock(path):
             tg.push_text("while the database is locked", chat=21, user=21)
             # Tried, not confirmed, fetched again and tried again.
@@ -196,11 +195,6 @@ async def discord_emulator() -> AsyncIterator[DiscordEmulator]:
         yield emulator
 
 
-def serve_discord(emulator: DiscordEmulator, manager: DialogueManager) -> DiscordAdapter:
-    return DiscordAdapter(emulator.token, manager, builtin_commands(),
-                          api_url=emulator.api_url, gateway_url=emulator.gateway_url)
-
-
 async def test_discord_keeps_a_message_it_could_not_store_until_the_database_is_back(
         quick_failing_store: tuple[SqlStore, AsyncEngine, str], settings: Settings,
         discord_emulator: DiscordEmulator, monkeypatch: pytest.MonkeyPatch,
@@ -210,7 +204,7 @@ async def test_discord_keeps_a_message_it_could_not_store_until_the_database_is_
     dc = discord_emulator
     async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as manager, \
-            serve_discord(dc, manager):
+            discord_adapter(dc, manager):
         with sqlite_write_lock(path):
             dc.post("while the database is locked", dm=True, author=5)
             await dc.wait_for(lambda: intake_failures(caplog) >= 2)  # kept, tried again
@@ -232,7 +226,7 @@ async def test_discord_tells_the_user_when_a_message_is_finally_dropped(
     dc = discord_emulator
     async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as manager, \
-            serve_discord(dc, manager):
+            discord_adapter(dc, manager):
         with sqlite_write_lock(path):
             dc.post("nobody home", dm=True, author=6)
             await dc.wait_for(lambda: dc.channel_texts(dc.dm_channel(6)) == [INTAKE_FAILED_NOTE]
@@ -272,7 +266,7 @@ async def test_a_stop_tells_every_discord_author_whose_message_was_kept_to_try_a
     manager = DialogueManager(store=down(store, try_s, tries), generator=ScriptedGenerator(),
                               settings=settings, commands=builtin_commands(),
                               shutdown_grace=0.2)
-    async with serve_discord(dc, manager) as adapter:
+    async with discord_adapter(dc, manager) as adapter:
         dc.post("kept during the outage", dm=True, author=7)
         dc.post("queued behind it", dm=True, author=7)
         if try_s < 1:

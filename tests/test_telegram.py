@@ -8,24 +8,25 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.telegram import TelegramAdapter, redelivery
-from adapters.telegram import adapter as telegram_adapter
+from adapters.telegram import adapter as telegram_polling
 from bot import intake
 from bot.answering import SHUTDOWN_NOTE
 from bot.builtin_commands import builtin_commands
 from bot.commands import Access
 from bot.config import Settings
-from bot.dialogue import INTAKE_FAILED_NOTE, DialogueManager
+from bot.dialogue import DialogueManager
 from bot.errors import ConfigError, StorageError
 from bot.generators import ChatMessage
+from bot.intake import INTAKE_FAILED_NOTE
 from bot.store import NewUserMessage
 from storage.repository import SqlStore
+from tests.auxil.adapters import telegram_adapter
 from tests.auxil.db import stored_texts
 from tests.auxil.generators import ScriptedGenerator
 from tests.auxil.process import serve_until_sigterm
@@ -40,14 +41,6 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"admins": (f"telegram:{ADMIN}",)})
 
 
-@asynccontextmanager
-async def serving(emulator: TelegramEmulator,
-                  manager: DialogueManager) -> AsyncIterator[TelegramAdapter]:
-    async with TelegramAdapter(emulator.token, manager, builtin_commands(),
-                               api_url=emulator.url, poll_timeout=1) as adapter:
-        yield adapter
-
-
 @pytest.fixture
 async def emulator() -> AsyncIterator[TelegramEmulator]:
     async with TelegramEmulator() as emulator:
@@ -57,7 +50,7 @@ async def emulator() -> AsyncIterator[TelegramEmulator]:
 @pytest.fixture
 async def tg(emulator: TelegramEmulator,
              manager: DialogueManager) -> AsyncIterator[TelegramEmulator]:
-    async with serving(emulator, manager):
+    async with telegram_adapter(emulator, manager):
         yield emulator
 
 
@@ -303,7 +296,7 @@ async def test_a_chat_under_flood_control_holds_up_no_other_chat(
     emulator.chat_faults[1] = Fault(429, "Too Many Requests: retry after 30", retry_after=30)
     async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands(), shutdown_grace=0.1) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         emulator.push_text("/help", chat=1, user=1)
         emulator.push_text("/help", chat=1, user=1)
         await emulator.wait_for(lambda: len(emulator.failed("sendMessage")) == 1)
@@ -402,7 +395,7 @@ async def test_an_update_is_acknowledged_only_after_its_message_is_stored(
     slow.__dict__.update(store.__dict__)
     async with DialogueManager(store=slow, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         emulator.push_text("store me first", chat=14, user=14)
         await asyncio.wait_for(entered.wait(), 10)
         polls = len(emulator.sent("getUpdates"))  # the poller goes on meanwhile...
@@ -431,7 +424,7 @@ async def test_an_update_that_cannot_be_stored_is_fetched_again_and_blocks_nobod
     picky.__dict__.update(store.__dict__)
     async with DialogueManager(store=picky, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         emulator.push_text("cannot be stored", chat=18, user=18)
         emulator.push_text("fine", chat=19, user=19)
         # The other chat is answered while update 1 is tried again and not confirmed.
@@ -462,7 +455,7 @@ def failing_store(store: SqlStore, fails: Callable[[NewUserMessage], bool]) -> S
 async def test_a_chat_keeps_its_order_when_a_message_could_not_be_stored(
         emulator: TelegramEmulator, store: SqlStore, settings: Settings, engine: AsyncEngine,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(telegram_adapter, "HELD_POLL_S", 0.2)
+    monkeypatch.setattr(telegram_polling, "HELD_POLL_S", 0.2)
     monkeypatch.setattr(intake, "RETRY_DELAYS_S", (0.2,))
     tries: list[str] = []
 
@@ -473,7 +466,7 @@ async def test_a_chat_keeps_its_order_when_a_message_could_not_be_stored(
     async with DialogueManager(store=failing_store(store, fails),
                                generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         # "second" comes in the same batch: it fails with "first", untried.
         emulator.push_text("first", chat=30, user=30)
         emulator.push_text("second", chat=30, user=30)
@@ -500,7 +493,7 @@ async def test_a_message_delivered_again_spends_the_rate_allowance_once(
     async with DialogueManager(store=failing_store(store, fails),
                                generator=ScriptedGenerator(), settings=strict,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         emulator.push_text("only one message", chat=31, user=31)
         await answered(emulator, manager, 31, ["only one message"])
         emulator.push_text("and a second", chat=31, user=31)  # within the burst of two
@@ -511,7 +504,7 @@ async def test_a_message_delivered_again_spends_the_rate_allowance_once(
 async def test_an_update_that_needs_no_storing_is_no_sign_the_database_works(
         emulator: TelegramEmulator, store: SqlStore, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(telegram_adapter, "HELD_POLL_S", 0.2)
+    monkeypatch.setattr(telegram_polling, "HELD_POLL_S", 0.2)
     monkeypatch.setattr(intake, "RETRY_DELAYS_S", (0.2,))
     monkeypatch.setattr(redelivery, "GIVE_UP_S", 0.5)
     tries: list[str] = []
@@ -523,7 +516,7 @@ async def test_an_update_that_needs_no_storing_is_no_sign_the_database_works(
     async with DialogueManager(store=failing_store(store, fails),
                                generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         emulator.push_text("during the outage", chat=32, user=32)
         emulator.push_message(emulator.user_message(chat=33, user=33, text="typo fixed",
                                                     edit_date=1), kind="edited_message")
@@ -542,7 +535,7 @@ async def test_one_update_that_cannot_be_stored_does_not_stop_the_next_hundred(
     fail = failing_store(store, lambda message: message.text == "cannot be stored")
     async with DialogueManager(store=fail, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         emulator.push_text("cannot be stored", chat=1000, user=1000)
         for chat in range(1, 121):
             emulator.push_text(f"hi {chat}", chat=chat, user=chat)
@@ -565,7 +558,7 @@ async def test_a_failing_update_is_tried_again_with_backoff_while_other_chats_ta
     async with DialogueManager(store=failing_store(store, fails),
                                generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         emulator.push_text("cannot be stored", chat=40, user=40)
         chat = 41
         while len(tried_at) < 3:  # every new update comes while it waits for its next try
@@ -585,7 +578,7 @@ async def test_a_command_answer_goes_out_before_the_reply_to_the_next_message(
     emulator.fail("sendMessage", 429, "Too Many Requests: retry after 1", retry_after=1)
     async with DialogueManager(store=store, generator=ScriptedGenerator(), settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         emulator.push_text("/reset", chat=34, user=34)
         emulator.push_text("hi", chat=34, user=34)
         await emulator.wait_for(lambda: len(emulator.final_text(34)) == 2
@@ -601,7 +594,7 @@ async def test_a_restart_mid_conversation_neither_loses_nor_duplicates(
     first = ScriptedGenerator()
     async with DialogueManager(store=store, generator=first, settings=settings,
                                commands=builtin_commands(), shutdown_grace=0.2) as manager:
-        async with serving(emulator, manager) as adapter:
+        async with telegram_adapter(emulator, manager) as adapter:
             one = emulator.user_message(chat=15, user=15, text="one")
             emulator.push_message(one)
             # The text shows before the reply is stored: wait for the lane to go idle too,
@@ -622,7 +615,7 @@ async def test_a_restart_mid_conversation_neither_loses_nor_duplicates(
     second = ScriptedGenerator()
     async with DialogueManager(store=store, generator=second, settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         await emulator.wait_for(lambda: emulator.final_text(15) == ["one", "two", "three"]
                                 and manager.active_conversations == 0)
     assert [m[-1].content for m in second.prompts] == ["two", "three"]
@@ -641,7 +634,7 @@ async def test_a_long_reply_cut_short_is_finished_in_its_own_messages(
     first.reply = lambda _messages: long
     async with DialogueManager(store=store, generator=first, settings=settings,
                                commands=builtin_commands(), shutdown_grace=0.2) as manager:
-        async with serving(emulator, manager) as adapter:
+        async with telegram_adapter(emulator, manager) as adapter:
             for chat in (16, 17):
                 emulator.push_text(f"a long story for chat {chat}", chat=chat, user=chat)
             # Two thirds written: the first message finished, the second half-way.
@@ -659,7 +652,7 @@ async def test_a_long_reply_cut_short_is_finished_in_its_own_messages(
     second.reply = lambda messages: long if "16" in messages[-1].content else "short now"
     async with DialogueManager(store=store, generator=second, settings=settings,
                                commands=builtin_commands()) as manager, \
-            serving(emulator, manager):
+            telegram_adapter(emulator, manager):
         await emulator.wait_for(lambda: len(second.prompts) == 2
                                 and not manager.active_conversations)
     # The story went on in the messages it had, then in one new one: nothing shown twice.
@@ -683,7 +676,7 @@ async def test_bad_token_is_one_clear_error(manager: DialogueManager,
 
 async def test_a_token_revoked_while_running_stops_the_adapter(
         emulator: TelegramEmulator, manager: DialogueManager) -> None:
-    async with serving(emulator, manager) as adapter:
+    async with telegram_adapter(emulator, manager) as adapter:
         emulator.token = "revoked"
         with pytest.raises(ConfigError, match="refused"):
             await asyncio.wait_for(adapter.serve(), 10)

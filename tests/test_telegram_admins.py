@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from adapters.telegram import TelegramAdapter
-from bot.builtin_commands import builtin_commands
 from bot.config import Settings
-from bot.dialogue import RATE_LIMITED_NOTE, DialogueManager
+from bot.dialogue import DialogueManager
+from bot.intake import RATE_LIMITED_NOTE
+from tests.auxil.adapters import telegram_adapter
 from tests.auxil.telegram_api import TelegramEmulator
 
 GROUP = -100
@@ -27,8 +27,7 @@ def settings(settings: Settings) -> Settings:
 @pytest.fixture
 async def tg(manager: DialogueManager) -> AsyncIterator[TelegramEmulator]:
     async with TelegramEmulator() as emulator, \
-            TelegramAdapter(emulator.token, manager, builtin_commands(), api_url=emulator.url,
-                            poll_timeout=1):
+            telegram_adapter(emulator, manager):
         yield emulator
 
 

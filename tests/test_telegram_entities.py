@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from adapters.telegram import TelegramAdapter
-from bot.builtin_commands import builtin_commands
 from bot.dialogue import DialogueManager
+from tests.auxil.adapters import telegram_adapter
 from tests.auxil.telegram_api import BOT, TelegramEmulator, entity, find_entities
 
 GROUP = -100
@@ -21,8 +20,7 @@ ASTRAL = "🙂👍🏽 𝔥𝔢𝔶 🇺🇦"
 @pytest.fixture
 async def tg(manager: DialogueManager) -> AsyncIterator[TelegramEmulator]:
     async with TelegramEmulator() as emulator, \
-            TelegramAdapter(emulator.token, manager, builtin_commands(), api_url=emulator.url,
-                            poll_timeout=1):
+            telegram_adapter(emulator, manager):
         yield emulator
 
 

@@ -21,9 +21,10 @@ from adapters.discord.normalize import PLATFORM, is_direct, normalize
 from adapters.discord.sink import ChannelSink, InteractionSink
 from adapters.discord.slash import add_commands, command_text
 from bot.commands import Command, CommandRegistry
-from bot.dialogue import DialogueManager, OnFailure
+from bot.dialogue import DialogueManager
 from bot.errors import ConfigError, DeliveryError
 from bot.events import IncomingMessage
+from bot.intake import OnFailure
 
 logger = logging.getLogger(__name__)
 

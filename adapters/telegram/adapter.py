@@ -40,9 +40,10 @@ from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.redelivery import HeldUpdates
 from adapters.telegram.sink import TelegramSink, retry_seconds
 from bot.commands import CommandRegistry
-from bot.dialogue import DialogueManager, OnFailure, Ticket
+from bot.dialogue import DialogueManager
 from bot.errors import ConfigError, DeliveryError
 from bot.events import IncomingMessage
+from bot.intake import OnFailure, Ticket
 
 logger = logging.getLogger(__name__)
 
