@@ -16,6 +16,7 @@ from typing import TextIO
 
 from bot.dialogue import DialogueManager
 from bot.events import IncomingMessage
+from bot.i18n import SOURCE_LANGUAGE, translator
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +94,14 @@ def _read_lines(stream: TextIO, interactive: bool, loop: asyncio.AbstractEventLo
 
 
 async def run_console(manager: DialogueManager, stdin: TextIO = sys.stdin,
-                      stdout: TextIO = sys.stdout) -> None:
-    """Chat until the input ends."""
+                      stdout: TextIO = sys.stdout, language: str = SOURCE_LANGUAGE) -> None:
+    """Chat until the input ends. The terminal gives no language: replies follow
+    ``/language``, else ``language`` (``CHINWAG_LANGUAGE``), which the greeting uses."""
+    _ = translator(language).gettext
     interactive = stdin.isatty() and stdout.isatty()
     user = getpass.getuser() or "you"
     if interactive:
-        stdout.write("Chinwag: type a message, /help for commands, Ctrl-D to quit.\n")
+        stdout.write(_("Chinwag: type a message, /help for commands, Ctrl-D to quit.") + "\n")
         stdout.flush()
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[str | None] = asyncio.Queue()
@@ -120,5 +123,5 @@ async def run_console(manager: DialogueManager, stdin: TextIO = sys.stdin,
             stdout.flush()
         await manager.handle(message, sink)
     if interactive:
-        stdout.write("\nBye.\n")
+        stdout.write("\n" + _("Bye.") + "\n")
         stdout.flush()

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from bot.errors import BadRequest, Busy, GenerationError
 from bot.generators import ChatMessage, GenerationParams, Generator
+from bot.generators.base import window_holds_reply
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +162,14 @@ class OpenAIServer:
         # every other stream meanwhile.
         prompt_tokens = await asyncio.to_thread(self._prompt_tokens, completion.messages)
         window = self._generator.context_window
-        wanted = completion.params.max_new_tokens
+        # An encoder-decoder model's window is its encoder's input: the reply is not in it.
+        wanted = completion.params.max_new_tokens if window_holds_reply(self._generator) else 0
         if window is not None and prompt_tokens + wanted > window:
-            return _error(400, f"the messages take {prompt_tokens} tokens and max_tokens asks "
-                               f"for up to {wanted} more, over the model's context window of "
-                               f"{window}; shorten the messages or lower max_tokens",
+            asked, remedy = (f" and max_tokens asks for up to {wanted} more",
+                             " or lower max_tokens") if wanted else ("", "")
+            return _error(400, f"the messages take {prompt_tokens} tokens{asked}, over the "
+                               f"model's context window of {window}; shorten the "
+                               f"messages{remedy}",
                           "invalid_request_error", code="context_length_exceeded")
         if completion.stream:
             return await self._stream(request, completion)

@@ -41,6 +41,9 @@ WORDS = " ".join(f"word{n}" for n in range(146))  # 150 tokens with the echo gen
 class NullSink:
     max_message_length = 4096
 
+    def fit(self, text: str) -> int:
+        return min(len(text), self.max_message_length)
+
     async def send(self, text: str, *, final: bool = False) -> str:
         return f"out-{time.perf_counter_ns()}"
 

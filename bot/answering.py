@@ -9,27 +9,47 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from bot.config import Settings
-from bot.errors import ChinwagError, DeliveryError, GenerationError, StorageError
+from bot.errors import (
+    Busy,
+    ChinwagError,
+    DeliveryError,
+    GenerationError,
+    ModelUnavailable,
+    StorageError,
+)
 from bot.events import ReplySink
 from bot.generators import GenerationParams, Generator
+from bot.generators.base import window_holds_reply
+from bot.generators.pool import InUse, ModelPool
+from bot.i18n import N_, SOURCE_LANGUAGE, Translator, translator
+from bot.metrics import Metrics
 from bot.prompt import Budget, Prompt, build_prompt, history_room
 from bot.store import Conversation, NewReply, Store, StoredMessage
 from bot.streaming import ReplyStream
+
+if TYPE_CHECKING:
+    from bot.memory import Memory
 
 logger = logging.getLogger(__name__)
 
 HISTORY_PAGE = 64
 TYPING_EVERY_S = 4.0
-SHUTDOWN_NOTE = ("(Interrupted: I am restarting. If this is not answered when I am back, "
-                 "please ask again.)")
-TRUNCATED_NOTE = ("(Your message was too long for my context window, so I read only its "
-                  "beginning.)")
-FAILED_NOTE = "Sorry, I could not finish this reply ({reason}). Please try again."
-STOPPED_NOTE = "(Stopped.)"
+# Notes are English here, translated for whoever asked (``bot/i18n.py``).
+SHUTDOWN_NOTE = N_("(Interrupted: I am restarting. If this is not answered when I am back, "
+                   "please ask again.)")
+TRUNCATED_NOTE = N_("(Your message was too long for my context window, so I read only its "
+                    "beginning.)")
+FAILED_NOTE = N_("Sorry, I could not finish this reply ({reason}). Please try again.")
+STOPPED_NOTE = N_("(Stopped.)")
+TOO_LONG_REASON = N_("it took too long")
+UNKNOWN_REASON = N_("the model failed")
+NOT_LOADED_REASON = N_("the model could not be loaded")
+"""Said where a generator's reason has no translation (one with details in it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +66,8 @@ class Question:
     received_at: datetime
     message: StoredMessage
     conversation: Conversation
+    language: str = SOURCE_LANGUAGE
+    """The asker's language (``bot.i18n``): notes and the default system prompt use it."""
     stop: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
     """Set by ``/stop``: the reply ends where it is."""
 
@@ -81,20 +103,35 @@ async def until_stopped(pieces: AsyncIterator[str],
 
 
 class Responder:
-    def __init__(self, *, store: Store, generator: Generator, settings: Settings,
-                 clock: Callable[[], float]) -> None:
+    def __init__(self, *, store: Store, models: ModelPool, settings: Settings,
+                 clock: Callable[[], float], metrics: Metrics | None = None,
+                 memory: Memory | None = None) -> None:
         self._store = store
-        self._generator = generator
+        self._memory = memory
+        self._models = models
         self._settings = settings
         self._clock = clock
+        self._metrics = metrics or Metrics()
 
-    def _budget(self, conversation: Conversation) -> Budget:
+    def _budget(self, conversation: Conversation, generator: Generator) -> Budget:
         window = self._settings.context_tokens
-        model_window = self._generator.context_window
+        model_window = generator.context_window
         if model_window is not None:
             window = min(window, model_window)
         reply = conversation.max_reply_tokens or self._settings.max_reply_tokens
-        return Budget(window, min(reply, window // 2), self._generator.prompt_overhead)
+        if not window_holds_reply(generator):  # the decoder writes it, not the window
+            reply = 0
+        return Budget(window, min(reply, window // 2), generator.prompt_overhead)
+
+    async def _counted(self, message: StoredMessage, model: InUse) -> StoredMessage:
+        """The message with its tokens as the model in use counts them: a message counted
+        by another model (the chat chose this one since) is counted again, off the event
+        loop (a window's worth of history takes a tokenizer milliseconds)."""
+        if self._models.catalog.counts_alike(message.counted_by, model.entry):
+            return message
+        tokens = await asyncio.to_thread(model.generator.count_tokens, str(message.role),
+                                         message.text)
+        return replace(message, tokens=tokens)
 
     async def _candidates(self, question: Question) -> AsyncIterator[StoredMessage]:
         """Context candidates, newest first, by the conversation's context policy."""
@@ -127,22 +164,40 @@ class Responder:
             ):
                 yield item
 
-    async def _prompt(self, question: Question) -> Prompt:
-        conversation, stored = question.conversation, question.message
-        system = conversation.persona or self._settings.system_prompt
-        budget = self._budget(conversation)
-        system_tokens = self._generator.count_tokens("system", system)
+    async def _prompt(self, question: Question, model: InUse) -> Prompt:
+        conversation, generator = question.conversation, model.generator
+        stored = await self._counted(question.message, model)
+        system = conversation.persona or self._settings.default_system_prompt(
+            translator(question.language))
+        budget = self._budget(conversation, generator)
+        system_tokens = generator.count_tokens("system", system)
         room = history_room(budget, system_tokens, stored.tokens)
         candidates: list[StoredMessage] = []
         gathered = 0
         async for item in self._candidates(question):
+            item = await self._counted(item, model)
             candidates.append(item)
             gathered += item.tokens
             if gathered > room:
                 break
-        return build_prompt(system=system, user_text=stored.text, history=candidates,
-                            budget=budget, count=self._generator.count_tokens,
-                            truncate=self._generator.truncate, user_tokens=stored.tokens)
+        prompt = build_prompt(system=system, user_text=stored.text, history=candidates,
+                              budget=budget, count=generator.count_tokens,
+                              truncate=generator.truncate, user_tokens=stored.tokens)
+        if self._memory is None or prompt.history_used == len(candidates) \
+                or prompt.input_truncated:
+            return prompt
+        # The budget dropped older turns: the relevant ones come back as a note.
+        oldest = candidates[prompt.history_used - 1].id if prompt.history_used else stored.id
+        recollection = await self._memory.recall(
+            question.key, conversation, stored, before_id=oldest, room=room,
+            count=generator.count_tokens, truncate=generator.truncate)
+        if recollection is None:
+            return prompt
+        with_note = build_prompt(system=f"{system}\n\n{recollection.note}",
+                                 user_text=stored.text, history=candidates, budget=budget,
+                                 count=generator.count_tokens,
+                                 truncate=generator.truncate, user_tokens=stored.tokens)
+        return prompt if with_note.input_truncated else with_note
 
     def _params(self, conversation: Conversation) -> GenerationParams:
         return GenerationParams(
@@ -153,9 +208,53 @@ class Responder:
             repetition_penalty=self._settings.repetition_penalty,
         )
 
-    async def answer(self, question: Question, sink: ReplySink) -> None:
+    async def answer(self, question: Question, sink: ReplySink, *,
+                     arrived: float | None = None) -> None:
+        """``arrived``: when the message came (``clock``), from which its latency counts;
+        now if not given. Answered by the conversation's model, pinned meanwhile."""
+        arrived = self._clock() if arrived is None else arrived
+        chosen = question.conversation.model
+        # A model that must load first (or wait for room) takes a while: show "typing".
+        loading = None if self._models.is_loaded(self._models.catalog.resolve(chosen)) \
+            else asyncio.create_task(self._keep_typing(sink))
+        async with contextlib.AsyncExitStack() as pinned:
+            try:
+                model = await pinned.enter_async_context(self._models.use(chosen))
+            except ModelUnavailable as exc:
+                await self._not_loaded(question, sink, exc)
+                return
+            except asyncio.CancelledError:
+                await self._interrupted(question, sink)
+                raise
+            finally:
+                if loading is not None:
+                    loading.cancel()
+            await self._answer(question, sink, arrived, model)
+
+    async def _not_loaded(self, question: Question, sink: ReplySink,
+                          exc: ModelUnavailable) -> None:
+        logger.warning("%s: not answering %s: %s", question.key, question.platform_message_id,
+                       exc)
+        await self._store.mark_failed(question.message.id)
+        tr = translator(question.language)
+        stream = ReplyStream(sink, interval=0.0, clock=self._clock, key=question.key)
+        await stream.finish(note=tr.gettext(FAILED_NOTE).format(
+            reason=tr.gettext(NOT_LOADED_REASON)))
+        self._metrics.failed(question.platform, "generation")
+
+    async def _interrupted(self, question: Question, sink: ReplySink) -> None:
+        """Shutdown before the reply began: the message stays pending for the restart."""
+        stream = ReplyStream(sink, interval=0.0, clock=self._clock, key=question.key)
+        with contextlib.suppress(ChinwagError, TimeoutError):
+            async with asyncio.timeout(5):
+                await stream.finish(note=translator(question.language).gettext(SHUTDOWN_NOTE))
+
+    async def _answer(self, question: Question, sink: ReplySink, arrived: float,
+                      model: InUse) -> None:
         key, stored = question.key, question.message
-        prompt = await self._prompt(question)
+        generator = model.generator
+        tr = translator(question.language)
+        prompt = await self._prompt(question, model)
         logger.info("%s: answering %s with %s prompt tokens (%s history messages)", key,
                     question.platform_message_id, prompt.tokens, prompt.history_used)
         async def remember_draft(platform_ids: list[str]) -> None:
@@ -172,50 +271,66 @@ class Responder:
                              key=key, continue_in=stored.reply_draft_ids,
                              on_send=remember_draft)
         if prompt.input_truncated:
-            await stream.push(TRUNCATED_NOTE + "\n\n")
+            await stream.push(tr.gettext(TRUNCATED_NOTE) + "\n\n")
         reply_parts: list[str] = []
         started = self._clock()
         typing = asyncio.create_task(self._keep_typing(sink))
         try:
             async with asyncio.timeout(self._settings.generation_timeout):
-                pieces = self._generator.stream(prompt.messages,
+                pieces = generator.stream(prompt.messages,
                                                 self._params(question.conversation))
                 async with contextlib.aclosing(until_stopped(pieces, question.stop)) as text:
                     async for piece in text:
-                        if not reply_parts:
+                        first = not reply_parts
+                        if first:
                             typing.cancel()
                         reply_parts.append(piece)
                         await stream.push(piece)
+                        if first:
+                            self._metrics.first_text(question.platform,
+                                                     self._clock() - arrived)
         except (GenerationError, TimeoutError) as exc:
-            reason = "it took too long" if isinstance(exc, TimeoutError) else str(exc)
+            reason = TOO_LONG_REASON if isinstance(exc, TimeoutError) else str(exc)
             logger.warning("%s: generation for %s failed: %s", key,
                            question.platform_message_id, reason)
             await self._store.mark_failed(stored.id)
-            await stream.finish(note=FAILED_NOTE.format(reason=reason))
+            await stream.finish(note=tr.gettext(FAILED_NOTE).format(
+                reason=_user_reason(reason, tr)))
+            if isinstance(exc, Busy):
+                self._metrics.refused(question.platform, "busy")
+            else:
+                self._metrics.failed(question.platform, "timeout"
+                                     if isinstance(exc, TimeoutError) else "generation")
             return
         except asyncio.CancelledError:
             # Shutdown: the message stays pending, so a restart can answer it.
             with contextlib.suppress(ChinwagError, TimeoutError):
                 async with asyncio.timeout(5):
-                    await stream.finish(note=SHUTDOWN_NOTE)
+                    await stream.finish(note=tr.gettext(SHUTDOWN_NOTE))
             raise
         finally:
             typing.cancel()
         elapsed_ms = round((self._clock() - started) * 1000)
         reply_text = "".join(reply_parts)
         try:
-            platform_ids = await stream.finish(STOPPED_NOTE if question.stop.is_set() else "")
+            platform_ids = await stream.finish(
+                tr.gettext(STOPPED_NOTE) if question.stop.is_set() else "")
         except DeliveryError as exc:
             logger.warning("%s: could not deliver the reply to %s: %s", key,
                            question.platform_message_id, exc)
             platform_ids = stream.message_ids
+        reply_tokens = generator.count_tokens("assistant", reply_text)
         await self._store.add_reply(NewReply(
             conversation_id=question.conversation.id, reply_to_id=stored.id,
             platform=question.platform, author_id=question.author_id, text=reply_text,
-            tokens=self._generator.count_tokens("assistant", reply_text),
-            prompt_tokens=prompt.tokens, generation_ms=elapsed_ms,
+            tokens=reply_tokens, prompt_tokens=prompt.tokens, generation_ms=elapsed_ms,
             platform_message_ids=platform_ids,
+            counted_by=self._models.catalog.recorded(model.entry),
         ))
+        if self._memory is not None:
+            self._memory.stored()  # the question and its reply, to embed
+        self._metrics.answered(question.platform, seconds=self._clock() - arrived,
+                               prompt_tokens=prompt.tokens, reply_tokens=reply_tokens)
         logger.info("%s: answered %s in %s ms", key, question.platform_message_id, elapsed_ms)
 
     async def _keep_typing(self, sink: ReplySink) -> None:
@@ -225,3 +340,10 @@ class Responder:
             except DeliveryError:
                 pass
             await asyncio.sleep(TYPING_EVERY_S)
+
+
+def _user_reason(reason: str, tr: Translator) -> str:
+    """A generator's reason as the asker reads it: the generators' fixed reasons are marked
+    for translation; one with details in it (a server's status) shows as a plain "the
+    model failed" in a language that has no text for it (the log keeps the details)."""
+    return tr.gettext(reason if tr.translates(reason) else UNKNOWN_REASON)

@@ -9,19 +9,31 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from adapters.console import run_console
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings
 from bot.dialogue import DialogueManager
+from bot.errors import ConfigError
 from bot.generators import Generator
+from bot.generators.catalog import ModelEntry
 from bot.generators.echo import EchoGenerator
+from bot.generators.pool import ModelPool
+from bot.memory import open_memory
+from bot.metrics import Metrics
+from bot.probes import Probes
 from bot.retention import RetentionSweeper
 from storage.engine import create_engine
 from storage.migrate import downgrade, upgrade
 from storage.repository import SqlStore
+
+if TYPE_CHECKING:
+    from bot.seq2seq.command import TrainCommand
+    from bot.seq2seq.corpus import Pair
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +46,11 @@ def make_generator(settings: Settings) -> Generator:
 
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
         return OpenAIGenerator(settings.openai_base_url, settings.model, key)
+    if settings.generator == "seq2seq":
+        from bot.generators.seq2seq import Seq2SeqGenerator
+
+        return Seq2SeqGenerator(Path(settings.model).expanduser(), beam=settings.seq2seq_beam,
+                                max_requests=settings.max_sequences + settings.max_queued)
     from bot.generators.huggingface import TransformersGenerator
 
     return TransformersGenerator(settings.model, settings.model_cache_dir, settings.device,
@@ -41,6 +58,53 @@ def make_generator(settings: Settings) -> Generator:
                                  max_queued=settings.max_queued,
                                  prefill_chunk=settings.max_batch_tokens,
                                  workers=settings.workers)
+
+
+def make_model(settings: Settings, entry: ModelEntry) -> Generator:
+    """The generator of one of ``CHINWAG_MODELS``: as ``make_generator`` makes it for
+    ``CHINWAG_GENERATOR=<kind>`` and ``CHINWAG_MODEL=<model>``."""
+    return make_generator(settings.model_copy(update={"generator": entry.kind,
+                                                      "model": entry.model}))
+
+
+@asynccontextmanager
+async def open_models(settings: Settings,
+                      generator: Generator | None = None) -> AsyncIterator[ModelPool]:
+    """The models chats may choose, the default loaded (the others as they are used);
+    or only ``generator``, loaded here."""
+    if generator is not None:
+        async with generator as loaded:
+            yield ModelPool.serving(loaded)
+        return
+    async with ModelPool(settings.model_catalog(), partial(make_model, settings),
+                         max_loaded=settings.max_loaded_models) as models:
+        yield models
+
+
+def train_seq2seq(settings: Settings, command: TrainCommand) -> Path:
+    """``chinwag train seq2seq``; ``--corpus db`` reads this bot's stored exchanges."""
+    from bot.seq2seq.command import run
+
+    return run(command, settings.data_dir,
+               stored=lambda: asyncio.run(stored_exchanges(settings.database_url)))
+
+
+async def stored_exchanges(database_url: str, page: int = 1000) -> list[Pair]:
+    """Every user message that has a reply, with the reply, oldest first."""
+    from bot.seq2seq.corpus import Pair
+
+    engine = create_engine(database_url)
+    try:
+        await upgrade(engine)
+        store = SqlStore(engine)
+        pairs: list[Pair] = []
+        after = 0
+        while batch := await store.exchanges(after, page):
+            pairs += [Pair(e.prompt, e.reply) for e in batch]
+            after = batch[-1].reply_id
+        return pairs
+    finally:
+        await engine.dispose()
 
 
 async def upgrade_database(settings: Settings) -> str | None:
@@ -60,21 +124,51 @@ async def downgrade_database(settings: Settings, revision: str) -> str | None:
 
 
 @asynccontextmanager
-async def open_chinwag(settings: Settings,
-                       generator: Generator | None = None) -> AsyncIterator[DialogueManager]:
+async def open_chinwag(settings: Settings, generator: Generator | None = None, *,
+                       metrics: Metrics | None = None,
+                       probes: Probes | None = None) -> AsyncIterator[DialogueManager]:
     """The database (migrated), the generator (loaded) and the dialogue manager, for as
-    long as the block runs; everything is closed in reverse order afterwards."""
+    long as the block runs; everything is closed in reverse order afterwards. ``metrics``
+    and ``probes`` learn of each part as it starts."""
+    metrics = metrics or Metrics()
     engine = create_engine(settings.database_url)
     try:
         await upgrade(engine)
-        store = SqlStore(engine)
+        store = SqlStore(engine, metrics=metrics)
         async with RetentionSweeper(store, settings.retention_days), \
-                (generator or make_generator(settings)) as gen, \
-                DialogueManager(store=store, generator=gen, settings=settings,
-                                commands=builtin_commands()) as manager:
+                open_models(settings, generator) as models, \
+                open_memory(settings, store.memory_store()) as memory, \
+                DialogueManager(store=store, models=models, settings=settings,
+                                commands=builtin_commands(models.catalog.names),
+                                metrics=metrics, memory=memory) as manager:
+            _loaded(models, settings, metrics, probes)
             yield manager
     finally:
         await engine.dispose()
+
+
+def _loaded(generator: Generator | ModelPool, settings: Settings, metrics: Metrics,
+            probes: Probes | None) -> None:
+    """The model is loaded: the metrics read its scheduler, and health asks it."""
+    metrics.watch(generator, model=settings.model)
+    if probes is not None:
+        probes.loaded(generator)
+
+
+@asynccontextmanager
+async def _observed(settings: Settings, metrics: Metrics, probes: Probes) -> AsyncIterator[None]:
+    """``/metrics``, ``/health`` and ``/ready`` on ``CHINWAG_METRICS_PORT`` (when it is set)
+    for as long as the block runs: started first, so they answer while the model loads."""
+    metrics.describe(model=settings.model, generator=settings.generator,
+                     device=settings.device)
+    if settings.metrics_port is None:
+        yield
+        return
+    from adapters.metrics_server import MetricsServer
+
+    async with MetricsServer(metrics, probes, host=settings.metrics_host,
+                             port=settings.metrics_port):
+        yield
 
 
 async def console(settings: Settings) -> None:
@@ -85,6 +179,8 @@ async def console(settings: Settings) -> None:
 
 class PlatformAdapter(Protocol):
     """What `run` needs of an adapter, besides ``async with`` (connect, then close)."""
+
+    platform: str
 
     async def __aenter__(self) -> Self: ...
 
@@ -102,16 +198,26 @@ def _adapters(settings: Settings, manager: DialogueManager) -> list[PlatformAdap
     adapters: list[PlatformAdapter] = []
     if settings.telegram_token:
         from adapters.telegram import TelegramAdapter
+        from adapters.telegram.webhook import WebhookConfig
 
+        webhook = None
+        if settings.telegram_webhook_url and settings.telegram_webhook_secret:
+            host, port = settings.telegram_webhook_listen
+            webhook = WebhookConfig(settings.telegram_webhook_url, host, port,
+                                    settings.telegram_webhook_secret.get_secret_value())
         adapters.append(TelegramAdapter(settings.telegram_token.get_secret_value(), manager,
-                                        builtin_commands(), api_url=settings.telegram_api_url))
+                                        builtin_commands(settings.model_catalog().names),
+                                        api_url=settings.telegram_api_url,
+                                        webhook=webhook, language=settings.language))
     if settings.discord_token:
         from adapters.discord import DiscordAdapter
 
         adapters.append(DiscordAdapter(settings.discord_token.get_secret_value(), manager,
-                                       builtin_commands(), api_url=settings.discord_api_url,
+                                       builtin_commands(settings.model_catalog().names),
+                                       api_url=settings.discord_api_url,
                                        gateway_url=settings.discord_gateway_url,
-                                       guild_ids=settings.discord_guild_ids))
+                                       guild_ids=settings.discord_guild_ids,
+                                       language=settings.language))
     return adapters
 
 
@@ -121,6 +227,11 @@ async def run(settings: Settings) -> None:
     finish within the grace period, then close the platform clients and the database.
     A signal while a platform is still being reached (an outage at start-up is retried)
     stops at once; during the model's loading, as soon as it is loaded."""
+    if settings.telegram_token and settings.telegram_webhook_url \
+            and settings.metrics_port == settings.telegram_webhook_listen[1]:
+        # Said now, not once the model is loaded and the listener cannot bind.
+        raise ConfigError("CHINWAG_METRICS_PORT must differ from the port of "
+                          "CHINWAG_TELEGRAM_WEBHOOK_LISTEN")
     with _stop_signals() as signalled:
         if not settings.telegram_token and not settings.discord_token:
             chatting = asyncio.create_task(console_session(settings))
@@ -131,23 +242,34 @@ async def run(settings: Settings) -> None:
                 return  # a stop asked for, not a failure: the task's cancellation stays here
             chatting.result()  # the input ended, or the session failed
             return
-        async with open_chinwag(settings) as manager, contextlib.AsyncExitStack() as stack:
+        platforms = tuple(name for name, token in (("telegram", settings.telegram_token),
+                                                   ("discord", settings.discord_token))
+                          if token)
+        metrics, probes = Metrics(platforms=platforms), Probes(platforms)
+        async with _observed(settings, metrics, probes), \
+                open_chinwag(settings, metrics=metrics, probes=probes) as manager, \
+                contextlib.AsyncExitStack() as stack:
             adapters: list[PlatformAdapter] = []
 
             async def connect_all() -> None:
                 for adapter in _adapters(settings, manager):
                     adapters.append(await stack.enter_async_context(adapter))
+                    probes.connected(adapter.platform)
 
             connecting = asyncio.create_task(connect_all())
             if await _until(connecting, signalled):
+                probes.stopping()
                 connecting.cancel()  # those connected are closed by the stack
                 with contextlib.suppress(asyncio.CancelledError):
                     await connecting
+                for adapter in adapters:  # those connected take nothing more, as below
+                    await adapter.stop_receiving()
                 await manager.close()
                 return
             connecting.result()  # a refused token ends the run here
             serving = asyncio.create_task(_serve_all(adapters))
             stopped = await _until(serving, signalled)
+            probes.stopping()
             for adapter in adapters:
                 await adapter.stop_receiving()
             await manager.close()
@@ -166,19 +288,27 @@ async def serve(settings: Settings) -> None:
     """``chinwag serve``: the generator as an OpenAI-compatible endpoint until a signal."""
     from adapters.openai_server import OpenAIServer
 
+    if settings.metrics_port == settings.serve_port:
+        raise ConfigError("CHINWAG_METRICS_PORT must differ from CHINWAG_SERVE_PORT")
     key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
+    metrics, probes = Metrics(), Probes()
     with _stop_signals() as signalled:
-        async with make_generator(settings) as generator, OpenAIServer(
-            generator, settings.model, host=settings.serve_host, port=settings.serve_port,
-            api_key=key, default_max_tokens=settings.max_reply_tokens,
-        ):
+        async with _observed(settings, metrics, probes), \
+                make_generator(settings) as generator, OpenAIServer(
+                    generator, settings.model, host=settings.serve_host,
+                    port=settings.serve_port, api_key=key,
+                    default_max_tokens=settings.max_reply_tokens):
+            _loaded(generator, settings, metrics, probes)
             await signalled.wait()
+            probes.stopping()
             logger.info("stopping on signal")
 
 
 async def console_session(settings: Settings) -> None:
-    async with open_chinwag(settings) as manager:
-        await run_console(manager)
+    metrics, probes = Metrics(platforms=("console",)), Probes()
+    async with _observed(settings, metrics, probes), \
+            open_chinwag(settings, metrics=metrics, probes=probes) as manager:
+        await run_console(manager, language=settings.language)
 
 
 @contextlib.contextmanager

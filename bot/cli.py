@@ -1,4 +1,5 @@
-"""The ``chinwag`` command line: console, run, serve, db upgrade, db downgrade."""
+"""The ``chinwag`` command line: console, run, serve, db upgrade, db downgrade,
+model prepare, train seq2seq."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pythonjsonlogger.json import JsonFormatter
 
 from bot import __version__, log_context
 from bot.errors import ChinwagError, ConfigError
+from bot.seq2seq import command as seq2seq
+
+if TYPE_CHECKING:
+    from bot.config import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     down = db_commands.add_parser("downgrade", help="take the database schema back to an "
                                                     "earlier revision, to run an older release")
     down.add_argument("revision", help="the revision to go back to, e.g. 0004")
+    model = commands.add_parser("model", help="the in-process model")
+    model_commands = model.add_subparsers(dest="model_command", metavar="ACTION")
+    model_commands.add_parser("prepare", help="convert the configured GGUF models (the built-in "
+                                              "one by default) to the cache now, so that the "
+                                              "first start is fast (Docker images do it at "
+                                              "build time)")
+    train = commands.add_parser("train", help="train a model of your own")
+    train_commands = train.add_subparsers(dest="train_command", metavar="MODEL")
+    seq2seq.add_arguments(train_commands.add_parser(
+        "seq2seq", help="a classic seq2seq model with attention (GRU/LSTM), in minutes on a "
+                        "CPU; chat with it by CHINWAG_GENERATOR=seq2seq CHINWAG_MODEL=DIR"))
     return parser
 
 
@@ -97,10 +114,30 @@ def _configure_logging(level: str, secrets: Sequence[str] = (), fmt: str = "text
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def _prepare_models(settings: Settings) -> list[str]:
+    """What the first start would spend its time on, done now for every ``transformers``
+    model (``CHINWAG_MODEL`` and those in ``CHINWAG_MODELS``): a GGUF model converted to the
+    cache, its tokenizer and config loaded (a hub model's downloaded)."""
+    from bot.generators.model_files import load_tokenizer, local_weights, resolve
+
+    ready: list[str] = []
+    done: set[str] = set()
+    for entry in settings.model_catalog():
+        if entry.kind != "transformers" or entry.model in done:
+            continue
+        location = local_weights(resolve(entry.model), settings.model_cache_dir)
+        load_tokenizer(entry.model, settings.model_cache_dir)
+        done.add(entry.model)
+        ready.append(f"model {entry.name} ({entry.model}) is ready: {location}")
+    return ready or ["nothing to prepare: no transformers model is configured"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command is None or (args.command == "db" and args.db_command is None):
+    if args.command is None or (args.command == "db" and args.db_command is None) or (
+            args.command == "model" and args.model_command is None) or (
+            args.command == "train" and args.train_command is None):
         parser.print_help()
         return 2
     from bot import app
@@ -108,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     secrets: Sequence[str] = ()
     try:
-        settings = load_settings()
+        # Training needs only the data folder and the database, and the model it writes
+        # may be the one the settings name, not there yet: the generator is not checked.
+        settings = load_settings(**{"generator": "echo"} if args.command == "train" else {})
         secrets = settings.secrets()
         level = "DEBUG" if args.verbose else settings.log_level
         # The terminal chat shows only problems; its conversation is the output.
@@ -120,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(app.run(settings))
         elif args.command == "serve":
             asyncio.run(app.serve(settings))
+        elif args.command == "model":
+            print(*_prepare_models(settings), sep="\n")
+        elif args.command == "train":
+            app.train_seq2seq(settings, seq2seq.from_args(args))
         else:
             revision = asyncio.run(app.downgrade_database(settings, args.revision)
                                    if args.db_command == "downgrade"

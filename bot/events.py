@@ -36,8 +36,12 @@ class IncomingMessage:
     """The platform says this author administers the chat (a Telegram group admin, a Discord
     member with Manage Server)."""
     unsupported: str | None = None
-    """What the message carried that Chinwag cannot read ("sticker", "photo"), if anything."""
+    """What the message carried that Chinwag cannot read ("sticker", "photo"), if anything:
+    an English text marked for translation."""
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    language: str | None = None
+    """The language the author's app is set to, as the platform gives it (Telegram's
+    ``language_code`` "zh-hans", Discord's interaction locale "zh-CN"), if it says."""
 
     @property
     def conversation_key(self) -> str:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.answering import Question
 from bot.commands import (
@@ -29,28 +29,32 @@ from bot.commands import (
 from bot.config import Settings
 from bot.errors import CommandError
 from bot.events import IncomingMessage
-from bot.generators import Generator as TextGenerator
+from bot.generators.pool import ModelPool
+from bot.i18n import N_, Language, Translator, choose, load_all, translator
 from bot.ratelimit import RateLimiter
 from bot.store import Conversation, NewUserMessage, State, Store
 
+if TYPE_CHECKING:
+    from bot.memory import Memory
+
 logger = logging.getLogger(__name__)
 
-EMPTY_NOTE = "Your message was empty: send me some text."
-UNSUPPORTED_NOTE = "I can only read text for now, so I cannot see that {what}."
-INTAKE_FAILED_NOTE = "Sorry, I could not take your message just now. Please send it again."
-RATE_LIMITED_NOTE = ("You are sending messages faster than I can answer. Please wait "
-                     "{wait} and send that again.")
-QUOTA_NOTE = ("You have used today's allowance of {quota} reply tokens. It renews at "
-              "midnight UTC, in {wait}.")
+# Notes are English here, translated for whoever they go to (``bot/i18n.py``).
+EMPTY_NOTE = N_("Your message was empty: send me some text.")
+UNSUPPORTED_NOTE = N_("I can only read text for now, so I cannot see that {what}.")
+INTAKE_FAILED_NOTE = N_("Sorry, I could not take your message just now. Please send it again.")
+RATE_LIMITED_NOTE = N_("You are sending messages faster than I can answer. Please wait "
+                       "{wait} and send that again.")
+QUOTA_NOTE = N_("You have used today's allowance of {quota} reply tokens. It renews at "
+                "midnight UTC, in {wait}.")
+UNKNOWN_COMMAND_NOTE = N_("Unknown command /{command}. Send /help for the list.")
+ADMINS_ONLY_NOTE = N_("Sorry, /{command} is for admins only.")
 INTAKE_RETRY_S = 300.0
 """How long ``OnFailure.RETRY`` keeps a message it could not store before telling its
 author (each try already includes the store's own retries of about 11 s)."""
 RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 """Waits before a message that could not be stored is tried again, whether kept
 in-process (``OnFailure.RETRY``) or delivered again by its platform; the last repeats."""
-COUNT_OFF_LOOP_CHARS = 4096
-"""Texts longer than this are counted in tokens off the event loop (a tokenizer takes
-milliseconds per few thousand characters)."""
 
 AdminCheck = Callable[[], Awaitable[bool]]
 """Asks the platform whether the author administers the chat; called only when a command
@@ -125,12 +129,19 @@ class Decision:
     """Stored and to be answered."""
     note: str | None = None
     """To send to the chat (a command's answer, a refusal, an apology)."""
+    received: bool = True
+    """A message for the bot, new to it (counted as received): not one in a group that
+    is not addressed to it, nor one it has seen before."""
+    refused: str | None = None
+    """Why it is not answered on purpose, if it is not (``bot.metrics.REFUSALS``)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Refused:
     """The author is over a limit."""
 
+    reason: str
+    """``rate_limit`` or ``quota``."""
     note: str | None
     """What to tell them; None to refuse silently (a flood gets one note, not one each)."""
 
@@ -154,15 +165,23 @@ class LaneView(Protocol):
 
 
 class IntakePolicy:
-    def __init__(self, *, store: Store, generator: TextGenerator, settings: Settings,
+    def __init__(self, *, store: Store, models: ModelPool, settings: Settings,
                  commands: CommandRegistry, limiter: RateLimiter,
-                 closing: Callable[[], bool]) -> None:
+                 closing: Callable[[], bool], memory: Memory | None = None) -> None:
         self._store = store
-        self._generator = generator
+        self._memory = memory
+        self._models = models
         self._settings = settings
         self._commands = commands
         self._limiter = limiter
         self._closing = closing
+        load_all()
+
+    def failed_note(self, message: IncomingMessage) -> str:
+        """``INTAKE_FAILED_NOTE`` in the author's language as far as it is known without the
+        database (which failed): the platform's, else ``CHINWAG_LANGUAGE``."""
+        language = choose(None, message.language, self._settings.language)
+        return translator(language.code).gettext(INTAKE_FAILED_NOTE)
 
     async def decide(self, message: IncomingMessage, lane: LaneView,
                      chat_admin: AdminCheck | None, checks: Checks) -> Decision:
@@ -174,48 +193,60 @@ class IntakePolicy:
         if call is None and not message.addressed_to_bot:
             listening = await self._store.find_conversation(key)
             if listening is None or not listening.answer_all:
-                return Decision(Intake.TAKEN)
-        if await self._store.touch_user(message.platform, message.author_id,
-                                        message.author_name):
+                return Decision(Intake.TAKEN, received=False)
+        user = await self._store.touch_user(message.platform, message.author_id,
+                                            message.author_name, message.language)
+        if user.blocked:
             logger.info("%s: ignored message %s from blocked user %s", key,
                         message.message_id, message.user_key)
-            return Decision(Intake.TAKEN)
+            return Decision(Intake.TAKEN, refused="blocked")
+        language = choose(user.language, message.language or user.platform_language,
+                          self._settings.language)
+        tr = translator(language.code)
         conversation = await self._store.conversation(key)
         if call is not None:
             if self._closing():
                 logger.info("%s: not running /%s while stopping", key, call.name)
                 return Decision(Intake.TAKEN)
             return Decision(Intake.TAKEN, note=await self._run_command(
-                call, message, conversation, chat_admin, lane))
+                call, message, conversation, chat_admin, lane, language))
         if not text:
             if message.unsupported:
-                return Decision(Intake.TAKEN,
-                                note=UNSUPPORTED_NOTE.format(what=message.unsupported))
-            return Decision(Intake.TAKEN, note=EMPTY_NOTE)
+                return Decision(Intake.TAKEN, note=tr.gettext(UNSUPPORTED_NOTE).format(
+                    what=tr.gettext(message.unsupported)))
+            return Decision(Intake.TAKEN, note=tr.gettext(EMPTY_NOTE))
         if message.message_id in lane.in_flight:
             logger.info("%s: message %s is being answered already", key, message.message_id)
-            return Decision(Intake.TAKEN)
+            return Decision(Intake.TAKEN, received=False)
         if not self._known_admin(message):
-            refused = await self._over_limit(key, message, checks)
+            refused = await self._over_limit(key, message, checks, tr)
             if refused is not None and chat_admin is not None and await chat_admin():
                 # A chat's administrators are exempt. Asked only when the limit would
                 # refuse, so the platform is asked about the few who send that much.
                 refused = None
+            if refused is not None and await self._store.stored_before(conversation.id,
+                                                                       message.message_id):
+                # Delivered again (the platform did not learn that it arrived): it was
+                # taken within the limits the first time. Asked only when they would refuse.
+                refused = None
             if refused is not None:
-                return Decision(Intake.TAKEN, note=refused.note)
-        tokens = await asyncio.to_thread(self._generator.count_tokens, "user", text) \
-            if len(text) > COUNT_OFF_LOOP_CHARS \
-            else self._generator.count_tokens("user", text)
+                return Decision(Intake.TAKEN, note=refused.note, refused=refused.reason)
+        # Counted with the chat's model if it is loaded (nothing is loaded for intake);
+        # answering counts again what another model counted.
+        async with self._models.counting(conversation.model) as counter:
+            tokens = await counter.count("user", text)
         admission = await self._store.add_user_message(NewUserMessage(
             conversation_id=conversation.id, platform=message.platform,
             author_id=message.author_id, author_name=message.author_name,
             platform_message_id=message.message_id, text=text, tokens=tokens,
-            reply_to_platform_id=message.reply_to_message_id,
+            reply_to_platform_id=message.reply_to_message_id, counted_by=counter.counted_by,
         ))
+        if not admission.new:
+            self.give_back(message, checks)  # spent when it was first taken
         if admission.state is not State.PENDING:
             logger.info("%s: message %s was handled before (%s); not answering again", key,
                         message.message_id, admission.state)
-            return Decision(Intake.STORED)
+            return Decision(Intake.STORED, received=False)
         if not admission.new:
             logger.info("%s: answering message %s left pending", key, message.message_id)
         return Decision(Intake.STORED, question=Question(
@@ -223,7 +254,7 @@ class IntakePolicy:
             platform_message_id=message.message_id,
             whole_history=message.is_direct or conversation.answer_all,
             received_at=message.received_at, message=admission.message,
-            conversation=conversation))
+            conversation=conversation, language=language.code))
 
     def give_back(self, message: IncomingMessage, checks: Checks) -> None:
         """The message was not stored after all: what it spent of the allowance is the
@@ -236,15 +267,15 @@ class IntakePolicy:
         return (self._settings.is_admin(message.user_key) or message.author_is_chat_admin
                 or message.platform == "console")
 
-    async def _over_limit(self, key: str, message: IncomingMessage,
-                          checks: Checks) -> Refused | None:
+    async def _over_limit(self, key: str, message: IncomingMessage, checks: Checks,
+                          tr: Translator) -> Refused | None:
         if not checks.spent_allowance:  # a try again must not spend it twice
             refusal = self._limiter.take(message.user_key)
             if refusal is not None:
                 logger.info("%s: message %s from %s is over the rate limit", key,
                             message.message_id, message.user_key)
-                return Refused(RATE_LIMITED_NOTE.format(wait=_duration(refusal.retry_after))
-                               if refusal.tell else None)
+                return Refused("rate_limit", tr.gettext(RATE_LIMITED_NOTE).format(
+                    wait=_duration(refusal.retry_after, tr)) if refusal.tell else None)
             checks.spent_allowance = self._limiter.enabled
         quota = self._settings.daily_tokens
         if quota:
@@ -256,25 +287,26 @@ class IntakePolicy:
                             message.user_key, used, quota)
                 midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(),
                                             tzinfo=UTC)
-                return Refused(QUOTA_NOTE.format(
-                    quota=quota, wait=_duration((midnight - now).total_seconds())))
+                return Refused("quota", tr.gettext(QUOTA_NOTE).format(
+                    quota=quota, wait=_duration((midnight - now).total_seconds(), tr)))
         return None
 
     async def _run_command(self, call: CommandCall, message: IncomingMessage,
                            conversation: Conversation, chat_admin: AdminCheck | None,
-                           lane: LaneView) -> str | None:
+                           lane: LaneView, language: Language) -> str | None:
         key = message.conversation_key
+        tr = translator(language.code)
         command = self._commands.get(call.name)
         if command is None:
             if message.addressed_to_bot:
-                return f"Unknown command /{call.name}. Send /help for the list."
+                return tr.gettext(UNKNOWN_COMMAND_NOTE).format(command=call.name)
             return None
         is_admin = self._known_admin(message)
         if not is_admin and chat_admin is not None and needs_admin(command, message):
             is_admin = await chat_admin()
         if not may_run(command, message, is_admin):
             logger.info("%s: refused /%s to %s", key, command.name, message.user_key)
-            return f"Sorry, /{command.name} is for admins only."
+            return tr.gettext(ADMINS_ONLY_NOTE).format(command=command.name)
 
         def stop_reply() -> bool:
             running = lane.answering
@@ -284,23 +316,26 @@ class IntakePolicy:
             return True
 
         try:
-            args = parse_arguments(command, call.argument_text)
-            answer = await command.handler(CommandContext(
-                message=message, args=args, conversation=conversation, is_admin=is_admin,
-                store=self._store, settings=self._settings, generator=self._generator,
-                registry=self._commands, stop_reply=stop_reply,
-            ))
+            args = parse_arguments(command, call.argument_text, tr)
+            async with self._models.counting(conversation.model) as counter:
+                answer = await command.handler(CommandContext(
+                    message=message, args=args, conversation=conversation,
+                    is_admin=is_admin, store=self._store, settings=self._settings,
+                    tokens=counter.tokens, registry=self._commands, language=language,
+                    tr=tr, stop_reply=stop_reply, memory=self._memory, models=self._models,
+                ))
         except CommandError as exc:
             answer = str(exc)
         logger.info("%s: ran /%s for %s", key, command.name, message.user_key)
         return answer
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float, tr: Translator) -> str:
     seconds = max(1, round(seconds))
     if seconds < 90:
-        return f"{seconds} s"
+        return tr.gettext("{seconds} s").format(seconds=seconds)
     minutes = round(seconds / 60)
     if minutes < 90:
-        return f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60} min"
+        return tr.gettext("{minutes} min").format(minutes=minutes)
+    return tr.gettext("{hours} h {minutes} min").format(hours=minutes // 60,
+                                                       minutes=minutes % 60)

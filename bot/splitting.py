@@ -2,14 +2,19 @@
 
 Preference order for a cut: a paragraph break outside code, a line break outside code,
 then (only for a code block that alone exceeds the limit) a line break inside it, with the
-fence closed at the end of one part and reopened at the start of the next; then a space;
-then a hard cut. What is code is decided by ``bot.fences``, as the Telegram formatting
+fence closed at the end of one part and reopened at the start of the next; then a space,
+or the end of a sentence in Chinese or Japanese (which put no spaces between words); then
+a hard cut. What is code is decided by ``bot.fences``, as the Telegram formatting
 decides it.
 """
 
 from __future__ import annotations
 
 from bot.fences import Fence, classify
+
+_SENTENCE_ENDS = "。！？；…"
+_CLOSERS = "”’」』）》】〕〉\"')"
+"""What may follow a sentence's end and belongs to it (a closing quote or bracket)."""
 
 
 def _close_room(fence: Fence) -> int:
@@ -69,7 +74,12 @@ def _preferred_cut(text: str, limit: int) -> tuple[str, str]:
         trailing = None  # a fence of dozens of backticks: closing it would leave no room
     room = limit - (_close_room(trailing) if trailing else 0)
     space = text.rfind(" ", 0, room + 1)
-    if space > room // 2:
+    after_sentence = max(text.rfind(mark, 0, room) for mark in _SENTENCE_ENDS) + 1
+    while 0 < after_sentence < room and text[after_sentence] in _CLOSERS:
+        after_sentence += 1
+    if after_sentence > max(space, room // 2):
+        head, rest = text[:after_sentence], text[after_sentence:]
+    elif space > room // 2:
         head, rest = text[:space], text[space:].lstrip(" ")
     else:
         head, rest = text[:room], text[room:]

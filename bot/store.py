@@ -41,6 +41,21 @@ class Conversation:
     answer_all: bool = False
     """A group chat where every message is answered (``/listen on``), not only mentions
     and replies; its context is then the whole history, as in a direct chat."""
+    model: str | None = None
+    """The model chosen with ``/model`` (a name in ``CHINWAG_MODELS``); ``None``: the
+    default."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """What intake needs to know of a message's author."""
+
+    blocked: bool
+    language: str | None = None
+    """The language they chose with ``/language`` (``bot.i18n.LANGUAGES``), if any."""
+    platform_language: str | None = None
+    """The language tag their platform gave last (a Discord message carries none: the
+    locale of their last slash command stands for it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +71,9 @@ class StoredMessage:
     reply_draft_ids: tuple[str, ...] = ()
     """A user message's reply as far as it got: the platform ids of the messages it was
     showing in when a crash or a stop cut it short (the next try writes into them)."""
+    counted_by: str | None = None
+    """The model whose tokenizer counted ``tokens`` (``bot.generators.pool.Counter``);
+    ``None``: the default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +86,8 @@ class NewUserMessage:
     text: str
     tokens: int
     reply_to_platform_id: str | None
+    counted_by: str | None = None
+    """The model that counted ``tokens``; ``None``: the default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +136,8 @@ class NewReply:
     prompt_tokens: int
     generation_ms: int
     platform_message_ids: Sequence[str]
+    counted_by: str | None = None
+    """The model that wrote it and counted ``tokens``; ``None``: the default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +152,16 @@ class Stats:
     latency_ms_p95: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """A user's message and the bot's reply to it (what ``chinwag train seq2seq --corpus
+    db`` trains on)."""
+
+    reply_id: int
+    prompt: str
+    reply: str
+
+
 class Store(Protocol):
     async def conversation(self, key: str) -> Conversation:
         """The conversation with this key, created on first use."""
@@ -141,13 +173,23 @@ class Store(Protocol):
 
     async def set_answer_all(self, conversation_id: int, answer_all: bool) -> None: ...
 
-    async def touch_user(self, platform: str, user_id: str, display_name: str) -> bool:
-        """Record or update a user; returns whether they are blocked."""
+    async def touch_user(self, platform: str, user_id: str, display_name: str,
+                         platform_language: str | None = None) -> User:
+        """Record or update a user (``platform_language``, when given, replaces the one
+        remembered); returns what is stored about them."""
+        ...
+
+    async def set_language(self, platform: str, user_id: str, language: str | None) -> None:
+        """Store a user's language choice; ``None`` goes back to the platform's."""
         ...
 
     async def add_user_message(self, message: NewUserMessage) -> Admission:
         """Store a user's message as pending; a platform message stored before is found,
         not stored twice."""
+        ...
+
+    async def stored_before(self, conversation_id: int, platform_message_id: str) -> bool:
+        """Whether this platform message was stored already (it is delivered again)."""
         ...
 
     async def add_reply(self, reply: NewReply) -> StoredMessage | None:
@@ -188,6 +230,10 @@ class Store(Protocol):
 
     async def set_persona(self, conversation_id: int, persona: str | None) -> None: ...
 
+    async def set_model(self, conversation_id: int, model: str | None) -> None:
+        """Store the conversation's ``/model`` choice; ``None`` goes back to the default."""
+        ...
+
     async def set_generation(self, conversation_id: int, temperature: float | None,
                              max_reply_tokens: int | None) -> None:
         """Set both values; ``None`` means the global default."""
@@ -208,4 +254,9 @@ class Store(Protocol):
     async def delete_older_than(self, cutoff: datetime) -> int:
         """Delete messages stored before ``cutoff`` and usage of days before it; returns
         how many messages went."""
+        ...
+
+    async def exchanges(self, after_reply_id: int, limit: int) -> Sequence[Exchange]:
+        """User messages and the replies to them, over every conversation, in the order
+        the replies were stored, from the first reply after ``after_reply_id``."""
         ...

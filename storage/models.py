@@ -13,6 +13,8 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
+    PrimaryKeyConstraint,
     String,
     Text,
     TypeDecorator,
@@ -64,6 +66,8 @@ class ConversationRow(Base):
     max_reply_tokens: Mapped[int | None] = mapped_column(Integer)
     reset_after_id: Mapped[int] = mapped_column(BigInteger, default=0)
     answer_all: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    model: Mapped[str | None] = mapped_column(String(32))
+    """Chosen with ``/model``; NULL is the default model."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -76,6 +80,10 @@ class UserRow(Base):
     user_id: Mapped[str] = mapped_column(String(128))
     display_name: Mapped[str] = mapped_column(String(255))
     blocked: Mapped[bool] = mapped_column(Boolean, default=False)
+    language: Mapped[str | None] = mapped_column(String(16))
+    """Chosen with ``/language``; NULL follows the platform's."""
+    platform_language: Mapped[str | None] = mapped_column(String(35))
+    """The language tag the platform gave last (BCP 47 tags fit in 35 characters)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -107,6 +115,8 @@ class MessageRow(Base):
     )
     text: Mapped[str] = mapped_column(Text)
     tokens: Mapped[int] = mapped_column(Integer)
+    counted_by: Mapped[str | None] = mapped_column(String(32))
+    """The model whose tokenizer counted ``tokens``; NULL is the default model."""
     state: Mapped[str | None] = mapped_column(String(16))
     """``bot.store.State`` of a user message; ``None`` for replies."""
     reply_draft_ids: Mapped[str | None] = mapped_column(Text)
@@ -151,3 +161,38 @@ class UsageRow(Base):
     messages: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     reply_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class EmbeddingRow(Base):
+    """A message's embedding for long-term memory (``bot/memory``): float32 bytes of a unit
+    vector, deleted with its message."""
+
+    __tablename__ = "message_embeddings"
+    __table_args__ = (
+        # A conversation's embeddings of one model, in id order: what a search reads.
+        Index("ix_message_embeddings_conversation", "conversation_id", "model", "message_id"),
+    )
+
+    message_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(255))
+    dimension: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class RecallRow(Base):
+    """A turn long-term memory brought back into the prompt for a message (``/memory``)."""
+
+    __tablename__ = "memory_recalls"
+    __table_args__ = (PrimaryKeyConstraint("message_id", "recalled_id"),)
+
+    message_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("messages.id", ondelete="CASCADE"))
+    recalled_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    similarity: Mapped[float] = mapped_column(Float)

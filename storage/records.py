@@ -15,6 +15,7 @@ def as_conversation(row: ConversationRow) -> Conversation:
         max_reply_tokens=row.max_reply_tokens,
         reset_after_id=row.reset_after_id,
         answer_all=row.answer_all,
+        model=row.model,
     )
 
 
@@ -29,4 +30,5 @@ def as_stored(row: MessageRow) -> StoredMessage:
         created_at=row.created_at,
         reply_to_id=row.reply_to_id,
         reply_draft_ids=tuple(row.reply_draft_ids.split()) if row.reply_draft_ids else (),
+        counted_by=row.counted_by,
     )

@@ -10,12 +10,15 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import and_, delete, func, not_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from bot.errors import StorageError
+from bot.metrics import Metrics
 from bot.store import (
     Admission,
     Conversation,
+    Exchange,
     NewReply,
     NewUserMessage,
     PendingMessage,
@@ -23,7 +26,9 @@ from bot.store import (
     State,
     Stats,
     StoredMessage,
+    User,
 )
+from storage.memory import SqlMemoryStore
 from storage.models import ConversationRow, MessageRow, PlatformMessageRow, UsageRow, UserRow
 from storage.records import as_conversation, as_stored
 from storage.retries import retrying, transient
@@ -43,9 +48,19 @@ def _not_answering_before(after_id: int) -> ColumnElement[bool]:
 
 
 class SqlStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, metrics: Metrics | None = None) -> None:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._writers = WriterTurns() if engine.dialect.name == "sqlite" else None
+        self._metrics = metrics or Metrics()
+
+    @property
+    def metrics(self) -> Metrics:
+        """Where database retries and failures are counted."""
+        return self._metrics
+
+    def memory_store(self) -> SqlMemoryStore:
+        """Long-term memory's tables (``storage.memory``), in this store's transactions."""
+        return SqlMemoryStore(self._transaction, self._metrics)
 
     @asynccontextmanager
     async def _transaction(self, *, write: bool = False,
@@ -105,16 +120,20 @@ class SqlStore:
                                   .values(answer_all=answer_all))
 
     @retrying
-    async def touch_user(self, platform: str, user_id: str, display_name: str) -> bool:
+    async def touch_user(self, platform: str, user_id: str, display_name: str,
+                         platform_language: str | None = None) -> User:
+        tag = platform_language[:35] if platform_language else None
         # Most messages come from a user seen moments ago under the same name: a read is
         # enough, and the write (one per message otherwise) is saved.
         async with self._transaction() as session:
             known = (await session.execute(
-                select(UserRow.blocked, UserRow.display_name, UserRow.last_seen_at)
+                select(UserRow.blocked, UserRow.display_name, UserRow.last_seen_at,
+                       UserRow.language, UserRow.platform_language)
                 .where(UserRow.platform == platform, UserRow.user_id == user_id))).first()
         if known is not None and known.display_name == display_name[:255] \
+                and tag in (None, known.platform_language) \
                 and datetime.now(UTC) - known.last_seen_at < LAST_SEEN_PRECISION:
-            return bool(known.blocked)
+            return User(bool(known.blocked), known.language, known.platform_language)
         async with self._transaction(write=True, urgent=True) as session:
             row = await session.scalar(
                 select(UserRow).where(UserRow.platform == platform, UserRow.user_id == user_id)
@@ -123,11 +142,28 @@ class SqlStore:
             if row is None:
                 session.add(UserRow(platform=platform, user_id=user_id,
                                     display_name=display_name[:255], blocked=False,
-                                    last_seen_at=now))
-                return False
+                                    platform_language=tag, last_seen_at=now))
+                return User(False, None, tag)
             row.display_name = display_name[:255]
             row.last_seen_at = now
-            return row.blocked
+            if tag is not None:
+                row.platform_language = tag
+            return User(row.blocked, row.language, row.platform_language)
+
+    @retrying
+    async def set_language(self, platform: str, user_id: str, language: str | None) -> None:
+        async with self._transaction(write=True) as session:
+            await session.execute(update(UserRow).where(UserRow.platform == platform,
+                                                        UserRow.user_id == user_id)
+                                  .values(language=language))
+
+    @retrying
+    async def stored_before(self, conversation_id: int, platform_message_id: str) -> bool:
+        async with self._transaction() as session:
+            found = await session.scalar(select(PlatformMessageRow.message_id).where(
+                PlatformMessageRow.conversation_id == conversation_id,
+                PlatformMessageRow.platform_message_id == platform_message_id))
+        return found is not None
 
     @retrying
     async def add_user_message(self, message: NewUserMessage) -> Admission:
@@ -169,6 +205,7 @@ class SqlStore:
                 reply_to_id=reply_to_id,
                 text=message.text,
                 tokens=message.tokens,
+                counted_by=message.counted_by,
                 state=State.PENDING.value,
             )
             session.add(row)
@@ -213,6 +250,7 @@ class SqlStore:
                 reply_to_id=reply.reply_to_id,
                 text=reply.text,
                 tokens=reply.tokens,
+                counted_by=reply.counted_by,
                 generation_ms=reply.generation_ms,
             )
             session.add(row)
@@ -321,6 +359,13 @@ class SqlStore:
                                   .values(persona=persona))
 
     @retrying
+    async def set_model(self, conversation_id: int, model: str | None) -> None:
+        async with self._transaction(write=True) as session:
+            await session.execute(update(ConversationRow)
+                                  .where(ConversationRow.id == conversation_id)
+                                  .values(model=model))
+
+    @retrying
     async def set_generation(self, conversation_id: int, temperature: float | None,
                              max_reply_tokens: int | None) -> None:
         async with self._transaction(write=True) as session:
@@ -377,3 +422,16 @@ class SqlStore:
             logger.info("retention: deleted %s messages stored before %s", deleted,
                         cutoff.isoformat(timespec="seconds"))
         return deleted
+
+    @retrying
+    async def exchanges(self, after_reply_id: int, limit: int) -> Sequence[Exchange]:
+        question = aliased(MessageRow)
+        async with self._transaction() as session:
+            rows = await session.execute(
+                select(MessageRow.id, question.text, MessageRow.text)
+                .join(question, question.id == MessageRow.reply_to_id)
+                .where(MessageRow.role == Role.ASSISTANT.value,
+                       question.role == Role.USER.value, MessageRow.id > after_reply_id)
+                .order_by(MessageRow.id)
+                .limit(limit))
+            return [Exchange(reply_id, prompt, reply) for reply_id, prompt, reply in rows]

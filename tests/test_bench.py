@@ -45,3 +45,33 @@ def test_decode_bench_prints_its_summary_line() -> None:
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("per_token_20_us=") and " per_token_200_us=" in last
     assert " ratio=" in last and " full_decode_ratio=" in last
+
+
+def test_encoder_decoder_bench_prints_its_summary_line() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "encoder_decoder.py"),
+                             "--n", "1,3", "--tokens", "4", "--spread", "0.1"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("N=3 shape=t5-small chinwag=") and " x_sequential=" in last
+    assert " join_ms=" in last and " step_ms=" in last
+
+
+def test_memory_bench_prints_its_summary_line() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--filler",
+                             "10", "--embeddings", "1000", "--queries", "3"],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("recall_at_3_on=") and " recall_at_3_off=" in last
+    assert " search_ms_p50=" in last and last.endswith(" embeddings=1000")
+
+
+def test_train_bench_prints_its_summary_line() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--quick"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert sum(line.startswith("  > ") for line in lines) == 5
+    assert lines[-1].startswith("train: unigram_ppl=") and " ratio=" in lines[-1]
+    assert " seconds=" in lines[-1] and " target_met=" in lines[-1]

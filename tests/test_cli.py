@@ -139,3 +139,22 @@ def test_db_upgrade_with_a_home_path_makes_no_tilde_folder(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     assert (home / "chinwag-data" / "chinwag.db").is_file()
     assert not (work / "~").exists()
+
+
+@pytest.mark.model
+def test_model_prepare_leaves_the_first_start_nothing_to_convert(tmp_path: Path) -> None:
+    # The conversion cache is the one the model tests share (~/.cache/chinwag).
+    first = chinwag("model", "prepare", timeout=300)
+    assert first.returncode == 0, first.stderr
+    folder = Path(first.stdout.strip().rsplit(": ", 1)[1])
+    assert (folder / ".chinwag-complete").is_file() and (folder / "model.safetensors").is_file()
+    again = chinwag("console", stdin="hello\n", timeout=300,
+                    env={"CHINWAG_MAX_REPLY_TOKENS": "16", "CHINWAG_DATA_DIR": str(tmp_path)})
+    assert again.returncode == 0, again.stderr
+    assert "converting" not in again.stderr and again.stdout.strip()
+
+
+def test_model_prepare_has_nothing_to_do_for_a_remote_or_echo_model() -> None:
+    result = chinwag("model", "prepare", env={"CHINWAG_GENERATOR": "echo"}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "nothing to prepare: no transformers model is configured"

@@ -10,6 +10,7 @@ from bot.commands import Access, Argument, Command, parse_arguments, parse_call
 from bot.config import Settings
 from bot.dialogue import DialogueManager
 from bot.errors import CommandError
+from bot.i18n import translator
 from storage.models import MessageRow, PlatformMessageRow, UsageRow, UserRow
 from storage.repository import SqlStore
 from tests.auxil.factories import dm, group
@@ -44,20 +45,25 @@ def test_text_that_merely_contains_a_command_is_not_one(text: str) -> None:
 def test_arguments_are_checked() -> None:
     command = Command("settings", "", _noop, (
         Argument("name", "", choices=("temperature",)), Argument("value", "")))
-    assert parse_arguments(command, "TEMPERATURE 0.3") == {"name": "temperature", "value": "0.3"}
+    en = translator("en")
+    assert parse_arguments(command, "TEMPERATURE 0.3", en) == {"name": "temperature",
+                                                               "value": "0.3"}
     with pytest.raises(CommandError, match="must be one of temperature"):
-        parse_arguments(command, "colour red")
+        parse_arguments(command, "colour red", en)
     with pytest.raises(CommandError, match="Too many arguments"):
-        parse_arguments(command, "temperature 1 2")
+        parse_arguments(command, "temperature 1 2", en)
     needs = Command("block", "", _noop, (Argument("user", "", required=True),))
     with pytest.raises(CommandError, match="needs <user>"):
-        parse_arguments(needs, "")
+        parse_arguments(needs, "", en)
+    with pytest.raises(CommandError, match="需要"):
+        parse_arguments(needs, "", translator("zh"))
 
 
 def test_registry_defines_each_command_once() -> None:
     registry = builtin_commands()
     assert {c.name for c in registry} == {"help", "reset", "persona", "settings", "stats",
-                                          "forget", "block", "unblock", "listen", "stop"}
+                                          "forget", "block", "unblock", "listen", "stop",
+                                          "language", "memory"}
     with pytest.raises(ValueError):
         registry.add(Command("help", "", _noop))
 

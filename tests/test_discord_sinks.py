@@ -14,6 +14,7 @@ from bot.builtin_commands import builtin_commands
 from bot.dialogue import DialogueManager
 from bot.errors import DeliveryError
 from bot.events import IncomingMessage, ReplySink
+from bot.metrics import Metrics
 from tests.auxil.discord_api import DiscordEmulator
 
 
@@ -23,6 +24,7 @@ class SinkCatcher:
 
     def __init__(self) -> None:
         self.sinks: list[ReplySink] = []
+        self.metrics = Metrics()
 
     async def pending(self, platform: str) -> Sequence[Any]:
         return []

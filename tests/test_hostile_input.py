@@ -178,6 +178,18 @@ def addressed(text: str, how: str, astral: str) -> tuple[str, list[dict[str, obj
     return message, find_entities(message)
 
 
+def for_another_bot(message: str, entities: Sequence[dict[str, object]]) -> bool:
+    """Whether ``message`` opens with a command aimed at another bot: left alone, even when
+    it also mentions this one (see tests/test_telegram_entities.py)."""
+    opening = [e for e in entities if e["type"] == "bot_command" and e["offset"] == 0]
+    if not opening:
+        return False
+    length = opening[0]["length"]
+    assert isinstance(length, int)  # a command is ASCII: as long in UTF-16 as in Python
+    _name, _, target = message[:length].partition("@")
+    return bool(target) and target.lower() != str(BOT["username"]).lower()
+
+
 ADDRESSING = st.tuples(st.sampled_from(["mention", "mention last", "text mention",
                                         "command"]), ASTRAL)
 
@@ -220,6 +232,11 @@ async def test_hostile_text_through_telegram(texts: list[str], outputs: list[str
          ways=[("mention", "🙂"), ("mention last", "𝔥𝔢𝔶"), ("text mention", "👍🏽"),
                ("command", "🇺🇦"), ("mention", "🙂🙂🙂"), ("mention last", "𓀀"),
                ("mention", "👍🏽"), ("text mention", "🙂"), ("mention last", "🇺🇦")])
+@example(texts=["hello", "/help@other_bot\\~~@everyone", "", " ", "/reset", "🙂"],  # by a run
+         outputs=["", "hi", "```\n"],
+         ways=[("mention", "🙂"), ("mention last", "🇺🇦"), ("mention", "🙂"),
+               ("mention last", "𝔥𝔢𝔶"), ("mention last", "🙂"), ("text mention", "🙂"),
+               ("mention", "🙂"), ("command", "🇺🇦"), ("text mention", "👍🏽")])
 async def test_hostile_text_in_telegram_groups(texts: list[str], outputs: list[str],
                                                ways: list[tuple[str, str]],
                                                caplog: pytest.LogCaptureFixture) -> None:
@@ -230,17 +247,22 @@ async def test_hostile_text_in_telegram_groups(texts: list[str], outputs: list[s
                 telegram_adapter(tg, manager):
             messages = [*texts, *(f"say output {n}" for n in range(len(outputs)))]
             groups = [-100 - n for n in range(len(messages))]
+            answered = []
             for group, text, (how, astral) in zip(groups, messages, ways, strict=True):
                 message, entities = addressed(text, how, astral)
                 tg.push_text(message, chat=group, user=-group, chat_type="supergroup",
                              entities=entities)
-            # Every message is addressed to the bot, so every group gets an answer.
+                if not for_another_bot(message, entities):
+                    answered.append(group)
+            # Every message is addressed to the bot, so every group gets an answer, save
+            # where the text put last opens with a command for another bot.
             await tg.wait_for(lambda: tg.pending_updates == 0
                               and manager.active_conversations == 0
-                              and all(tg.final_text(g) for g in groups), timeout=60)
+                              and all(tg.final_text(g) for g in answered), timeout=60)
             replies = await stored_replies(engine)
         refused = [c for c in tg.calls if c.status != 200 and c.method != "getUpdates"]
         assert refused == []
+        assert not [g for g in groups if g not in answered and tg.final_text(g)]
         for group, text, (how, _astral) in zip(groups, texts, ways, strict=False):
             # Text first and the mention last: the text may itself be a command to run.
             command = how == "command" or (how == "mention last" and text.strip()[:1] == "/")

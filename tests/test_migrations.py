@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, MetaData, Table, insert, select
+from sqlalchemy import Connection, MetaData, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.config import Settings
@@ -31,29 +31,35 @@ from storage.migrate import downgrade, head_revision, upgrade
 from storage.repository import SqlStore
 from tests.auxil.process import ROOT, chinwag
 
-EARLIER = ["0001", "0002", "0003", "0004", "0005"]
+EARLIER = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]
 """Every revision before the head."""
 
 TABLES = ["conversations", "users", "messages", "platform_messages", "usage"]
+MEMORY_TABLES = ["message_embeddings", "memory_recalls"]
+"""Long-term memory's (0008): made from the messages, so dropped going below 0008 and made
+again by the memory's worker."""
 
 WHEN = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 # One row per case the store knows: a persona and generation settings, a conversation
 # that answers everything, a blocked user, a question answered by a reply that is
 # linked to it and shown in two platform messages, a pending question with an
-# interrupted reply's message ids, a failed one in a thread, and a day's usage.
+# interrupted reply's message ids, a failed one in a thread, and a day's usage; a chat
+# that chose its model, and a reply counted by that model.
 ROWS: dict[str, list[dict[str, Any]]] = {
     "conversations": [
         {"id": 1, "key": "telegram:1", "platform": "telegram", "chat_id": "1",
          "thread_id": None, "persona": "a pirate", "temperature": 0.3,
-         "max_reply_tokens": 99, "reset_after_id": 0, "answer_all": True, "created_at": WHEN},
+         "max_reply_tokens": 99, "reset_after_id": 0, "answer_all": True, "created_at": WHEN,
+         "model": "smol"},
         {"id": 2, "key": "discord:5:9", "platform": "discord", "chat_id": "5",
          "thread_id": "9", "persona": None, "temperature": None, "max_reply_tokens": None,
          "reset_after_id": 0, "answer_all": False, "created_at": WHEN},
     ],
     "users": [
         {"id": 1, "platform": "telegram", "user_id": "u1", "display_name": "Ann",
-         "blocked": False, "created_at": WHEN, "last_seen_at": WHEN},
+         "blocked": False, "created_at": WHEN, "last_seen_at": WHEN, "language": "zh",
+         "platform_language": "en-US"},
         {"id": 2, "platform": "telegram", "user_id": "u2", "display_name": "Spammer",
          "blocked": True, "created_at": WHEN, "last_seen_at": WHEN},
     ],
@@ -65,7 +71,7 @@ ROWS: dict[str, list[dict[str, Any]]] = {
         {"id": 2, "conversation_id": 1, "role": "assistant", "platform": "telegram",
          "author_id": "u1", "platform_message_id": None, "reply_to_id": 1,
          "text": "hi there", "tokens": 2, "generation_ms": 120, "created_at": WHEN,
-         "state": None},
+         "state": None, "counted_by": "smol"},
         {"id": 3, "conversation_id": 1, "role": "user", "platform": "telegram",
          "author_id": "u1", "platform_message_id": "p3", "reply_to_id": None,
          "text": "tell me more", "tokens": 3, "generation_ms": None, "created_at": WHEN,
@@ -86,12 +92,20 @@ ROWS: dict[str, list[dict[str, Any]]] = {
         {"id": 1, "platform": "telegram", "user_id": "u1", "conversation_id": 1,
          "day": date(2026, 11, 30), "messages": 1, "prompt_tokens": 10, "reply_tokens": 2},
     ],
+    # Two embedded messages, and the first recalled for the pending question.
+    "message_embeddings": [
+        {"message_id": 1, "conversation_id": 1, "model": "m", "dimension": 2,
+         "vector": bytes(8)},
+        {"message_id": 2, "conversation_id": 1, "model": "m", "dimension": 2,
+         "vector": bytes(8)},
+    ],
+    "memory_recalls": [{"message_id": 3, "recalled_id": 1, "similarity": 0.5}],
 }
 
 
 def _reflect(connection: Connection) -> dict[str, Table]:
     metadata = MetaData()
-    metadata.reflect(connection, only=TABLES)
+    metadata.reflect(connection, only=lambda name, _metadata: name in TABLES + MEMORY_TABLES)
     return dict(metadata.tables)
 
 
@@ -100,7 +114,7 @@ async def fill(engine: AsyncEngine) -> None:
 
     def run(connection: Connection) -> None:
         tables = _reflect(connection)
-        for name in TABLES:
+        for name in TABLES + [name for name in MEMORY_TABLES if name in tables]:
             table = tables[name]
             for row in ROWS[name]:  # one by one: rows differ in the columns they set
                 connection.execute(insert(table).values(
@@ -119,7 +133,8 @@ async def snapshot(engine: AsyncEngine) -> dict[str, list[tuple[Any, ...]]]:
         for name in TABLES:
             table = tables[name]
             columns = [table.c[k] for k in ROWS[name][0] if k in table.c
-                       and k not in ("state", "answer_all", "reply_draft_id", "reply_draft_ids")]
+                       and k not in ("state", "answer_all", "reply_draft_id", "reply_draft_ids",
+                                     "language", "platform_language", "model", "counted_by")]
             result[name] = [tuple(row) for row in
                             connection.execute(select(*columns).order_by(table.c.id))]
         return result
@@ -133,6 +148,18 @@ async def column(engine: AsyncEngine, table: str, name: str) -> list[Any]:
         reflected = _reflect(connection)[table]
         return list(connection.execute(select(reflected.c[name])
                                        .order_by(reflected.c.id)).scalars())
+
+    async with engine.connect() as connection:
+        return await connection.run_sync(run)
+
+
+async def rows_in(engine: AsyncEngine, names: list[str]) -> list[int | None]:
+    """How many rows each table holds; None for a table the schema does not have."""
+
+    def run(connection: Connection) -> list[int | None]:
+        tables = _reflect(connection)
+        return [connection.execute(select(func.count()).select_from(tables[name])).scalar_one()
+                if name in tables else None for name in names]
 
     async with engine.connect() as connection:
         return await connection.run_sync(run)
@@ -173,7 +200,13 @@ async def test_upgrading_from_every_revision_keeps_every_row(bare: AsyncEngine,
             assert (await connection.exec_driver_sql(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'messages'")).scalar() == 4
     assert await column(bare, "messages", "reply_draft_ids") == [
-        None, None, {"0004": "31", "0005": "31 32"}.get(start), None]
+        None, None, "31 32" if start >= "0005" else {"0004": "31"}.get(start), None]
+    assert await column(bare, "users", "language") == (  # None before /language
+        ["zh", None] if start >= "0007" else [None, None])
+    # The worker embeds them (those filled at 0008 stay).
+    assert await rows_in(bare, MEMORY_TABLES) == ([2, 1] if start >= "0008" else [0, 0])
+    assert await column(bare, "conversations", "model") == [None, None]  # before /model
+    assert await column(bare, "messages", "counted_by") == [None] * 4  # the default's
 
 
 @pytest.mark.parametrize("target", EARLIER)
@@ -182,16 +215,24 @@ async def test_going_down_to_every_revision_and_up_again_keeps_every_row(
     await upgrade(bare)
     await fill(bare)
     before = await snapshot(bare)
+    assert await column(bare, "users", "platform_language") == ["en-US", None]
+    assert await rows_in(bare, MEMORY_TABLES) == [2, 1]
+    assert await column(bare, "conversations", "model") == ["smol", None]
+    assert await column(bare, "messages", "counted_by") == [None, "smol", None, None]
 
     assert await downgrade(bare, target) == target
     assert await snapshot(bare) == before
     assert await foreign_key_problems(bare) == []
+    memory_kept = [2, 1] if target >= "0008" else [None, None]  # no such tables below 0008
+    assert await rows_in(bare, MEMORY_TABLES) == memory_kept
     if target == "0004":  # the earlier schema holds an interrupted reply's first message
         assert await column(bare, "messages", "reply_draft_id") == [None, None, "31", None]
 
     assert await upgrade(bare) == head_revision()
     assert await snapshot(bare) == before
     assert await foreign_key_problems(bare) == []
+    assert await rows_in(bare, MEMORY_TABLES) == ([2, 1] if target >= "0008" else [0, 0])
+    assert await column(bare, "conversations", "model") == [None, None]  # 0009 dropped it
 
 
 async def test_the_migration_gives_sqlite_connections_their_foreign_keys_back(

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.config import Settings
 from bot.errors import StorageError
 from bot.retention import RetentionSweeper
-from bot.store import NewReply, NewUserMessage, Role, State, StoredMessage
+from bot.store import NewReply, NewUserMessage, Role, State, StoredMessage, User
 from storage.engine import create_engine
 from storage.migrate import head_revision, upgrade
 from storage.models import Base, MessageRow, PlatformMessageRow, UsageRow, UserRow
@@ -195,11 +195,11 @@ async def test_a_deleted_messages_id_is_never_given_again(store: SqlStore) -> No
 
 
 async def test_block_and_stats(store: SqlStore) -> None:
-    assert await store.touch_user("telegram", "u1", "One") is False
+    assert (await store.touch_user("telegram", "u1", "One")).blocked is False
     await store.set_blocked("telegram", "u1", True)
-    assert await store.touch_user("telegram", "u1", "One") is True
+    assert (await store.touch_user("telegram", "u1", "One")).blocked is True
     await store.set_blocked("telegram", "u1", False)
-    assert await store.touch_user("telegram", "u1", "One") is False
+    assert (await store.touch_user("telegram", "u1", "One")).blocked is False
     conversation = await store.conversation("telegram:1")
     question = await added(store, user_message(conversation.id, "p1"))
     await store.add_reply(reply(conversation.id, question.id, ["b1"]))
@@ -283,3 +283,19 @@ async def test_reply_tokens_of_a_day_count_every_conversation(store: SqlStore) -
     assert await store.reply_tokens_on("telegram", "u1", today) == 4
     assert await store.reply_tokens_on("telegram", "u2", today) == 0
     assert await store.reply_tokens_on("telegram", "u1", today - timedelta(days=1)) == 0
+
+
+async def test_a_users_language_is_kept_until_forgotten(store: SqlStore) -> None:
+    assert await store.touch_user("discord", "d1", "Dee") == User(False, None, None)
+    # A slash command's locale is remembered; a message that carries none keeps it.
+    assert await store.touch_user("discord", "d1", "Dee", "zh-TW") == User(False, None, "zh-TW")
+    assert await store.touch_user("discord", "d1", "Dee") == User(False, None, "zh-TW")
+    assert await store.touch_user("discord", "d1", "Dee", "en-US") == User(False, None, "en-US")
+    await store.set_language("discord", "d1", "zh")
+    assert await store.touch_user("discord", "d1", "Dee") == User(False, "zh", "en-US")
+    assert (await store.touch_user("discord", "d2", "Other")).language is None  # per user
+    await store.set_language("discord", "d1", None)
+    assert (await store.touch_user("discord", "d1", "Dee")).language is None
+    await store.set_language("discord", "d1", "zh")
+    await store.forget_user("discord", "d1")
+    assert await store.touch_user("discord", "d1", "Dee") == User(False, None, None)

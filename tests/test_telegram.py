@@ -21,7 +21,7 @@ from bot.builtin_commands import builtin_commands
 from bot.commands import Access
 from bot.config import Settings
 from bot.dialogue import DialogueManager
-from bot.errors import ConfigError, StorageError
+from bot.errors import ConfigError, DeliveryError, StorageError
 from bot.generators import ChatMessage
 from bot.intake import INTAKE_FAILED_NOTE
 from bot.store import NewUserMessage
@@ -672,6 +672,16 @@ async def test_bad_token_is_one_clear_error(manager: DialogueManager,
         async with TelegramAdapter("999:WRONG", manager, builtin_commands(),
                                    api_url=emulator.url):
             pass
+
+
+async def test_a_request_refused_at_start_up_is_one_clear_error_not_retried(
+        manager: DialogueManager, emulator: TelegramEmulator) -> None:
+    # python-telegram-bot's BadRequest is a NetworkError: it used to be retried forever.
+    emulator.fail("setMyCommands", 400, "Bad Request: command description is too long")
+    with pytest.raises(DeliveryError, match="description is too long"):
+        async with asyncio.timeout(20), telegram_adapter(emulator, manager):
+            pass
+    assert len([c for c in emulator.calls if c.method == "setMyCommands"]) == 1
 
 
 async def test_a_token_revoked_while_running_stops_the_adapter(

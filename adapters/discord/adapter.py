@@ -18,18 +18,21 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from adapters.discord.normalize import PLATFORM, is_direct, normalize
+from adapters.discord.rate_limits import rate_limit_trace
 from adapters.discord.sink import ChannelSink, InteractionSink
-from adapters.discord.slash import add_commands, command_text
+from adapters.discord.slash import DescriptionTranslator, add_commands, command_text
 from bot.commands import Command, CommandRegistry
 from bot.dialogue import DialogueManager
 from bot.errors import ConfigError, DeliveryError
 from bot.events import IncomingMessage
+from bot.i18n import N_, SOURCE_LANGUAGE, choose, translator
 from bot.intake import OnFailure
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 MAX_BACKOFF_S = 60.0
+RESTARTING_NOTE = N_("I am restarting; try again in a moment.")
 
 
 class _Gateway(discord.Client):
@@ -46,8 +49,11 @@ class _Gateway(discord.Client):
 
 
 class DiscordAdapter:
+    platform = PLATFORM
+
     def __init__(self, token: str, manager: DialogueManager, commands: CommandRegistry, *,
-                 api_url: str, gateway_url: str, guild_ids: Sequence[int] = ()) -> None:
+                 api_url: str, gateway_url: str, guild_ids: Sequence[int] = (),
+                 language: str = SOURCE_LANGUAGE) -> None:
         # discord.py reads its REST base and gateway from class attributes only.
         Route.BASE = api_url.rstrip("/")
         DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
@@ -56,13 +62,15 @@ class DiscordAdapter:
         self._token = token
         self._manager = manager
         self._guild_ids = tuple(guild_ids)
+        self._language = language
         intents = discord.Intents.default()
         intents.message_content = True
         self._client = _Gateway(self, intents=intents,
-                                allowed_mentions=discord.AllowedMentions.none())
+                                allowed_mentions=discord.AllowedMentions.none(),
+                                http_trace=rate_limit_trace(manager.metrics))
         self._tree: app_commands.CommandTree[Any] = app_commands.CommandTree(self._client)
         self._tree.on_error = self._on_command_error  # type: ignore[method-assign]
-        add_commands(self._tree, commands, self._on_command)
+        add_commands(self._tree, commands, self._on_command, language)
         self._connection: asyncio.Task[None] | None = None
         self._receiving = False
         self._commands_open = True
@@ -141,6 +149,7 @@ class DiscordAdapter:
                 await self._connection
 
     async def _sync_commands(self) -> None:
+        await self._tree.set_translator(DescriptionTranslator())
         try:
             if self._guild_ids:
                 for guild_id in self._guild_ids:
@@ -190,9 +199,12 @@ class DiscordAdapter:
                           options: Mapping[str, str | None]) -> None:
         # Answer within Discord's 3 s at once; the real answer follows, visible to the caller.
         await interaction.response.defer(ephemeral=True, thinking=True)
+        locale = interaction.locale.value
         if not self._receiving or not self._commands_open:
-            await interaction.edit_original_response(content="I am restarting; try again "
-                                                     "in a moment.")
+            # Said without the database: in the client's language (a /language choice is
+            # not looked up for it).
+            tr = translator(choose(None, locale, self._language).code)
+            await interaction.edit_original_response(content=tr.gettext(RESTARTING_NOTE))
             return
         permissions = interaction.permissions
         incoming = IncomingMessage(
@@ -203,6 +215,7 @@ class DiscordAdapter:
             mentions_bot=True,
             author_is_chat_admin=interaction.guild_id is not None
             and permissions.manage_guild,
+            language=locale,
         )
         self._manager.submit(incoming, InteractionSink(interaction),
                              on_failure=OnFailure.RETRY)

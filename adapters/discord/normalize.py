@@ -7,6 +7,7 @@ import re
 import discord
 
 from bot.events import IncomingMessage
+from bot.i18n import N_
 
 PLATFORM = "discord"
 _ANSWERED_TYPES = {discord.MessageType.default, discord.MessageType.reply}
@@ -32,7 +33,7 @@ def normalize(message: discord.Message, bot_id: int) -> IncomingMessage | None:
         text = text.strip()
     unsupported = None
     if not text.strip() and (message.attachments or message.stickers or message.embeds):
-        unsupported = "sticker" if message.stickers else "attachment"
+        unsupported = N_("sticker") if message.stickers else N_("attachment")
     reference = message.reference
     resolved = reference.resolved if reference is not None else None
     reply_to_bot = isinstance(resolved, discord.Message) and resolved.author.id == bot_id

@@ -6,15 +6,18 @@ from telegram import Message, MessageEntity
 from telegram.constants import ChatType, MessageEntityType
 
 from bot.events import IncomingMessage
+from bot.i18n import N_
 
 PLATFORM = "telegram"
 
-# What a message without text may carry, in the words the user gets back.
+# What a message without text may carry, in the words the user gets back (translated
+# for them where the note is made).
 _UNREADABLE = (
-    ("sticker", "sticker"), ("photo", "photo"), ("animation", "GIF"), ("video", "video"),
-    ("video_note", "video message"), ("voice", "voice message"), ("audio", "audio file"),
-    ("document", "file"), ("location", "location"), ("venue", "place"),
-    ("contact", "contact"), ("poll", "poll"), ("dice", "dice"), ("game", "game"),
+    ("sticker", N_("sticker")), ("photo", N_("photo")), ("animation", N_("GIF")),
+    ("video", N_("video")), ("video_note", N_("video message")),
+    ("voice", N_("voice message")), ("audio", N_("audio file")), ("document", N_("file")),
+    ("location", N_("location")), ("venue", N_("place")), ("contact", N_("contact")),
+    ("poll", N_("poll")), ("dice", N_("dice")), ("game", N_("game")),
 )
 
 
@@ -74,6 +77,7 @@ def normalize(message: Message, bot_id: int, bot_username: str) -> IncomingMessa
         reply_to_message_id=str(reply.message_id) if reply else None,
         reply_to_bot=bool(reply and reply.from_user and reply.from_user.id == bot_id),
         unsupported=unsupported,
+        language=message.from_user.language_code,
     )
 
 

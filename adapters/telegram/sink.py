@@ -12,8 +12,10 @@ from telegram.constants import ChatAction, MessageLimit, ParseMode
 from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError
 
 from adapters.telegram.formatting import has_markup, to_html
+from adapters.telegram.normalize import PLATFORM
 from adapters.telegram.pacing import ChatPacer
 from bot.errors import DeliveryError
+from bot.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,13 @@ class TelegramSink:
     """
 
     def __init__(self, bot: Bot, chat_id: int, thread_id: int | None, reply_to: int | None,
-                 pacer: ChatPacer) -> None:
+                 pacer: ChatPacer, metrics: Metrics) -> None:
         self._bot = bot
         self._chat_id = chat_id
         self._thread_id = thread_id
         self._reply_to = reply_to
         self._pacer = pacer
+        self._metrics = metrics
         self._shown: dict[str, tuple[str, bool]] = {}
         """What each message shows now: its text and whether it is formatted."""
 
@@ -148,10 +151,12 @@ class TelegramSink:
             except RetryAfter as exc:
                 seconds = retry_seconds(exc)
                 self._pacer.hold(self._chat_id, seconds)
+                self._metrics.rate_limited(PLATFORM)
                 if not required or attempt == MAX_ATTEMPTS - 1:
                     raise DeliveryError(f"{what}: flood control ({seconds} s)") from exc
                 logger.info("telegram:%s: flood control, retrying %s in %s s", self._chat_id,
                             what, seconds)
+                self._metrics.flood_wait(PLATFORM, seconds)
                 await asyncio.sleep(seconds)
             except BadRequest as exc:
                 if "message is not modified" in str(exc).lower():

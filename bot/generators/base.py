@@ -68,6 +68,14 @@ class Generator(Protocol):
         ...
 
 
+def window_holds_reply(generator: Generator) -> bool:
+    """Whether a reply is written into ``context_window`` after its prompt, as a decoder-only
+    model's is (the default). An encoder–decoder model reads the prompt with its encoder,
+    whose input is its ``context_window``, and writes the reply with its decoder: it says
+    ``window_holds_reply = False``, and no room is kept in the window for the reply."""
+    return bool(getattr(generator, "window_holds_reply", True))
+
+
 def held_back(text: str, stop: Sequence[str]) -> int:
     """How many characters at the end of ``text`` could be the start of a stop string, and
     so must not be shown yet."""

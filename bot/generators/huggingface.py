@@ -5,6 +5,10 @@ forward pass ever runs on the event loop and concurrent conversations share each
 The scheduler streams token ids back and the loop decodes them incrementally, at a cost
 per token that does not grow with the reply.
 
+An encoder–decoder model (T5, BART…: its config says ``is_encoder_decoder``) is run by a
+batcher of its own (``encoder_decoder.py``, always in this process) and prompted as
+``encoder_prompt.py`` renders and fits; the streaming below is shared.
+
 A request beyond the scheduler's limits is refused with ``Busy`` before its prompt is
 tokenized. Prompts are rendered and tokenized off the loop with ``asyncio.to_thread``, each
 on a thread of the loop's pool, so a long prompt holds up neither the loop nor another
@@ -26,10 +30,14 @@ from typing import Any, Self
 from bot.errors import GenerationError, ModelUnavailable
 from bot.generators import model_files
 from bot.generators.base import ChatMessage, GenerationParams
+from bot.generators.encoder_decoder import EncoderDecoderScheduler, is_encoder_decoder
+from bot.generators.encoder_prompt import EncoderPrompt
 from bot.generators.reply_text import ReplyText
-from bot.generators.scheduler import BatchScheduler, Request, eos_ids
-from bot.generators.tokens import TemplateCounter
+from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request, eos_ids
+from bot.generators.stats import SchedulerStats
+from bot.generators.tokens import TemplateCounter, TokenCounter
 from bot.generators.workers import WorkerPool
+from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
 
@@ -56,35 +64,66 @@ class TransformersGenerator:
 
     def __init__(self, model: str, cache_dir: Path, device: str = "auto", *,
                  max_sequences: int = 32, max_queued: int = 256,
-                 prefill_chunk: int = 512, workers: int = 1) -> None:
+                 prefill_chunk: int = 512, workers: int = 1,
+                 stall_after: float = STALL_AFTER_S) -> None:
         self._model_name = model
         self._cache_dir = cache_dir
         self._device_setting = device
+        self._device: str | None = None
         self._limits = {"max_sequences": max_sequences, "max_queued": max_queued,
                         "prefill_chunk": prefill_chunk}
+        self._stall_after = stall_after
         self._tokenizer: Any = None
         self._config: Any = None
-        self._counter: TemplateCounter | None = None
+        self._counter: TokenCounter | None = None
+        self._encoder_prompt: EncoderPrompt | None = None
+        """Set for an encoder–decoder model: how its prompts are rendered and fitted."""
         self._scheduler: BatchScheduler | WorkerPool | None = None
         self._workers = workers
 
     async def __aenter__(self) -> Self:
         device, dtype = pick_device(self._device_setting)
-        if self._workers > 1 and device == "cpu":
+        config = await asyncio.to_thread(model_files.load_config, self._model_name,
+                                         self._cache_dir)
+        if is_encoder_decoder(config):
+            await self._load_encoder_decoder(device, dtype)
+        elif self._workers > 1 and device == "cpu":
             # The workers load the model; this process only tokenizes.
             self._tokenizer, self._config = await asyncio.to_thread(
                 model_files.load_tokenizer, self._model_name, self._cache_dir)
-            pool = WorkerPool(self._model_name, self._cache_dir, self._workers, **self._limits)
+            pool = WorkerPool(self._model_name, self._cache_dir, self._workers,
+                              stall_after=self._stall_after, **self._limits)
             await asyncio.to_thread(pool.start)
             self._scheduler = pool
         else:
             self._tokenizer, model = await asyncio.to_thread(
                 model_files.load, self._model_name, self._cache_dir, device, dtype)
             self._config = model.config
-            self._scheduler = BatchScheduler(model, eos_ids=eos_ids(model), **self._limits)
+            self._scheduler = BatchScheduler(model, eos_ids=eos_ids(model),
+                                             stall_after=self._stall_after, **self._limits)
             self._scheduler.start()
-        self._counter = TemplateCounter(self._tokenizer, self._model_name)
+        self._counter = self._encoder_prompt.counter if self._encoder_prompt is not None \
+            else TemplateCounter(self._tokenizer, self._model_name)
+        self._device = device
         return self
+
+    async def _load_encoder_decoder(self, device: str, dtype: Any) -> None:
+        """T5, BART and the like (``encoder_decoder.py``), always in this process: the
+        worker processes run the decoder-only scheduler."""
+        if self._workers > 1:
+            logger.info("model %s is an encoder-decoder model: it runs in this process "
+                        "(CHINWAG_WORKERS=%s applies to decoder-only models)",
+                        self._model_name, self._workers)
+        self._tokenizer, model = await asyncio.to_thread(
+            model_files.load, self._model_name, self._cache_dir, device, dtype)
+        self._config = model.config
+        self._encoder_prompt = EncoderPrompt(self._tokenizer, model.config, self._model_name)
+        scheduler = EncoderDecoderScheduler(model, eos_ids=eos_ids(model),
+                                            stall_after=self._stall_after, **self._limits)
+        scheduler.start()
+        self._scheduler = scheduler
+        logger.info("model %s is an encoder-decoder model: prompts use %s, at most %s tokens",
+                    self._model_name, self._encoder_prompt.rendering, self._encoder_prompt.limit)
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -96,15 +135,33 @@ class TransformersGenerator:
     def scheduler(self) -> BatchScheduler | WorkerPool | None:
         return self._scheduler
 
+    @property
+    def device(self) -> str | None:
+        """Where the model runs (``cpu``, ``cuda``…), once it is loaded."""
+        return self._device
+
     def health(self) -> str | None:
         if self._scheduler is None:
             return "the model is not loaded"
         return self._scheduler.health()
 
+    def scheduler_stats(self) -> SchedulerStats | None:
+        """Its scheduler's (or worker pool's) stats, while the model is loaded."""
+        scheduler = self._scheduler
+        return None if scheduler is None else scheduler.stats()
+
     @property
     def context_window(self) -> int | None:
+        """The longest prompt plus reply; for an encoder–decoder model, the encoder's
+        input (the reply is the decoder's: ``window_holds_reply`` is false)."""
+        if self._encoder_prompt is not None:
+            return self._encoder_prompt.limit
         window = getattr(self._config, "max_position_embeddings", None)
         return int(window) if window else None
+
+    @property
+    def window_holds_reply(self) -> bool:
+        return self._encoder_prompt is None
 
     @property
     def prompt_overhead(self) -> int:
@@ -122,6 +179,8 @@ class TransformersGenerator:
     def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt's token ids. Blocking (the template and the tokenizer take
         milliseconds per thousand tokens): ``stream`` calls it on a thread."""
+        if self._encoder_prompt is not None:
+            return self._encoder_prompt.ids(messages)
         rendered = self._tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=True, tokenize=True, return_dict=True)
@@ -131,7 +190,7 @@ class TransformersGenerator:
                      ignore_eos: bool = False) -> AsyncIterator[str]:
         scheduler = self._scheduler
         if scheduler is None:
-            raise GenerationError("the model is not loaded")
+            raise GenerationError(N_("the model is not loaded"))
         scheduler.ensure_room()  # Busy at once when full, before tokenizing the prompt
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | BaseException | None] = asyncio.Queue()
@@ -141,7 +200,7 @@ class TransformersGenerator:
 
         prompt = await asyncio.to_thread(self.prompt_ids, messages)
         if self._scheduler is not scheduler:  # shut down meanwhile
-            raise GenerationError("the model is shutting down")
+            raise GenerationError(N_("the model is shutting down"))
         request = Request(prompt, params, emit, ignore_eos=ignore_eos)
         # Busy still, when others took the last places while this prompt was tokenized.
         scheduler.submit(request)

@@ -121,6 +121,18 @@ def local_weights(source: ModelSource, cache_dir: Path) -> str:
     return str(folder)
 
 
+def load_config(model: str, cache_dir: Path) -> Any:
+    """The model's config alone: enough to tell an encoder–decoder model
+    (``is_encoder_decoder``) from a decoder-only one before loading either."""
+    from transformers import AutoConfig
+
+    location = local_weights(resolve(model), cache_dir)
+    try:
+        return AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"cannot load model {model!r}: {exc}") from exc
+
+
 def load_tokenizer(model: str, cache_dir: Path) -> tuple[Any, Any]:
     """The tokenizer and model config only, for a process that does not run the model
     itself (its worker processes do)."""
@@ -134,8 +146,10 @@ def load_tokenizer(model: str, cache_dir: Path) -> tuple[Any, Any]:
 
 
 def load(model: str, cache_dir: Path, device: str, dtype: Any) -> tuple[Any, Any]:
-    """Load tokenizer and model onto ``device``. Blocking: call it off the event loop."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load tokenizer and model onto ``device``: a sequence-to-sequence model when its config
+    says it is an encoder–decoder one (T5, BART…), else a causal LM. Blocking: call it off
+    the event loop."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     source = resolve(model)
@@ -143,7 +157,10 @@ def load(model: str, cache_dir: Path, device: str, dtype: Any) -> tuple[Any, Any
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        lm: Any = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        family: Any = AutoModelForSeq2SeqLM if getattr(
+            AutoConfig.from_pretrained(location), "is_encoder_decoder", False) \
+            else AutoModelForCausalLM
+        lm: Any = family.from_pretrained(location, dtype=dtype)
         lm.to(device)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"cannot load model {model!r}: {exc}") from exc

@@ -24,6 +24,7 @@ import httpx
 from bot.errors import GenerationError, ModelUnavailable
 from bot.generators.base import ChatMessage, GenerationParams, cut_at_stop, held_back
 from bot.generators.tokens import EstimateCounter, TemplateCounter, TokenCounter
+from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class OpenAIGenerator:
     async def stream(self, messages: Sequence[ChatMessage],
                      params: GenerationParams) -> AsyncIterator[str]:
         if self._client is None:
-            raise GenerationError("the model server client is not open")
+            raise GenerationError(N_("the model server client is not open"))
         emitted = ""
         for attempt in range(MAX_ATTEMPTS):
             body = self._request(messages, params)
@@ -168,17 +169,17 @@ class OpenAIGenerator:
                 await asyncio.sleep(self._failed_stream(failure, attempt, emitted))
             except httpx.TimeoutException as exc:
                 if emitted or attempt == MAX_ATTEMPTS - 1:
-                    raise GenerationError("the model server stopped answering") from exc
+                    raise GenerationError(N_("the model server stopped answering")) from exc
                 await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
             except (httpx.TransportError, httpx.StreamError) as exc:
                 if emitted:
-                    raise GenerationError("the model server cut the reply short") from exc
+                    raise GenerationError(N_("the model server cut the reply short")) from exc
                 if attempt == MAX_ATTEMPTS - 1:
                     raise GenerationError(f"cannot reach the model server ({exc})") from exc
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
                 logger.info("model server unreachable (%s); retrying in %s s", exc, delay)
                 await asyncio.sleep(delay)
-        raise GenerationError("the model server is busy")
+        raise GenerationError(N_("the model server is busy"))
 
     async def _refusal(self, response: httpx.Response, attempt: int) -> float:
         """How long to wait before retrying a refused request; raises if it is final."""
@@ -189,7 +190,7 @@ class OpenAIGenerator:
             self._repetition_penalty = False
             return 0.0
         if status not in _RETRYABLE or attempt == MAX_ATTEMPTS - 1:
-            reason = "the model server is busy" if status == 429 else \
+            reason = N_("the model server is busy") if status == 429 else \
                 f"the model server answered {status}"
             logger.warning("model server refused a request: %s %s", status, detail)
             raise GenerationError(reason)
@@ -223,7 +224,7 @@ class OpenAIGenerator:
             try:
                 chunk = json.loads(data)
             except ValueError as exc:
-                raise GenerationError("the model server sent a malformed stream") from exc
+                raise GenerationError(N_("the model server sent a malformed stream")) from exc
             if "error" in chunk:
                 error = chunk["error"]
                 message = error.get("message") if isinstance(error, dict) else None

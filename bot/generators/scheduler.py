@@ -26,6 +26,8 @@ from typing import Any
 
 from bot.errors import Busy, GenerationError
 from bot.generators.base import GenerationParams
+from bot.generators.stats import SchedulerStats, StepMeter
+from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,10 @@ class BatchScheduler:
         """When the thread last finished a step, or idle work last arrived."""
         self._died: str | None = None
         self._thread: threading.Thread | None = None
+        self._running = 0
+        """Rows in the batch after the last step (under ``_count_lock``)."""
+        self._generated = 0
+        self._meter = StepMeter()
         self.steps = 0
         self.max_batch = 0
         # transformers 5.2x renamed `past_key_values` to `cache`; accept either release.
@@ -122,7 +128,7 @@ class BatchScheduler:
             raise GenerationError(f"the model's scheduler is not running"
                                   f"{': ' + self._died if self._died else ''}")
         if self._count >= self._max_sequences + self._max_queued:
-            raise Busy("too many conversations at once; try again shortly")
+            raise Busy(N_("too many conversations at once; try again shortly"))
 
     def submit(self, request: Request) -> None:
         """Queue a request, or raise ``Busy`` at once when the scheduler is full."""
@@ -145,6 +151,12 @@ class BatchScheduler:
             return f"the scheduler has not stepped for {idle:.0f} s with work queued"
         return None
 
+    def stats(self) -> SchedulerStats:
+        """What it holds now and has done so far (cheap: asked at every metrics scrape)."""
+        with self._count_lock:
+            held, running = self._count, self._running
+        return self._meter.snapshot(waiting=max(0, held - running), running=running)
+
     # The scheduler thread.
 
     def _run(self) -> None:
@@ -155,6 +167,7 @@ class BatchScheduler:
             self._died = f"{type(exc).__name__}: {exc}"
             with self._count_lock:
                 self._open = False
+                self._running = 0
             while True:
                 try:
                     item = self._incoming.get_nowait()
@@ -164,7 +177,7 @@ class BatchScheduler:
                     self._waiting.append(item)
             for request in self._held():
                 try:
-                    self._finish(request, GenerationError("the model's scheduler stopped"))
+                    self._finish(request, GenerationError(N_("the model's scheduler stopped")))
                 except Exception:
                     logger.exception("cannot tell a request that the scheduler stopped")
 
@@ -184,18 +197,22 @@ class BatchScheduler:
                     except queue.Empty:
                         break
                     if item is None:
-                        self._fail_all(GenerationError("the model is shutting down"))
+                        self._fail_all(GenerationError(N_("the model is shutting down")))
                         return
                     self._waiting.append(item)
+                started, generated = time.monotonic(), self._generated
                 try:
                     self._step()
                 except Exception as exc:  # torch raises RuntimeError for OOM and the like
                     logger.exception("scheduler step failed")
-                    message = "the model ran out of memory" if "out of memory" in \
+                    message = N_("the model ran out of memory") if "out of memory" in \
                         str(exc).lower() else f"generation failed: {exc}"
                     self._fail_all(GenerationError(message))
+                now = time.monotonic()
+                self._meter.record(now - started, self._generated - generated)
                 with self._count_lock:
-                    self._stepped = time.monotonic()
+                    self._stepped = now
+                    self._running = len(self._rows)
 
     def _finish(self, request: Request, outcome: BaseException | None = None) -> None:
         request.cache = None
@@ -296,6 +313,7 @@ class BatchScheduler:
         import torch
 
         request.generated.append(token)
+        self._generated += 1
         if token not in request.seen:
             request.seen = torch.cat([request.seen, request.seen.new_tensor([token])])
         ended = (token in self._eos and not request.ignore_eos)

@@ -5,7 +5,8 @@ The shapes that cross between the two are here as well.
 Every message on the pipe is ``(request_id, item)``: a token id, ``None`` (the end) or a
 ``Failure`` for a request; ``request_id`` ``NEWS`` for the worker's own state: ``READY``,
 ``LoadFailed`` (then it exits), and a ``Heartbeat`` every ``heartbeat`` seconds with its
-scheduler's health, so the parent can tell a hung worker from a quiet one.
+scheduler's health, so the parent can tell a hung worker from a quiet one, and its
+scheduler's stats, for the metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from bot.errors import GenerationError
 from bot.generators.base import GenerationParams
 from bot.generators.scheduler import Request
+from bot.generators.stats import SchedulerStats
 
 HEARTBEAT_S = 1.0
 """How often a worker says it is alive (and checks that its parent is: an orphan exits)."""
@@ -61,6 +63,8 @@ class LoadFailed:
 class Heartbeat:
     health: str | None
     """The worker's scheduler's ``health()``."""
+    stats: SchedulerStats | None = None
+    """Its ``stats()``."""
 
 
 def run(model: str, cache_dir: str, limits: dict[str, int], jobs: Any,
@@ -94,7 +98,7 @@ def run(model: str, cache_dir: str, limits: dict[str, int], jobs: Any,
         if time.monotonic() >= beat_at:
             if os.getppid() != parent:
                 break  # the parent is gone (killed): nobody reads our results
-            send((NEWS, Heartbeat(scheduler.health())))
+            send((NEWS, Heartbeat(scheduler.health(), scheduler.stats())))
             beat_at = time.monotonic() + heartbeat
         try:
             job = jobs.get(timeout=max(0.0, beat_at - time.monotonic()))

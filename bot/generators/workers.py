@@ -39,7 +39,9 @@ from typing import Any
 from bot.errors import Busy, GenerationError, ModelUnavailable
 from bot.generators import worker_process
 from bot.generators.scheduler import STALL_AFTER_S, Request
+from bot.generators.stats import SchedulerStats
 from bot.generators.worker_process import NEWS, READY, Failure, Heartbeat, Job, LoadFailed
+from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class _Worker:
         self.load = 0
         self.reported: str | None = None
         """Its scheduler's health, from its last heartbeat."""
+        self.stats: SchedulerStats | None = None
+        """Its scheduler's stats, from its last heartbeat."""
         self.load_error: str | None = None
         self.killed_for: str | None = None
         self.restart_at: float | None = None
@@ -123,6 +127,8 @@ class WorkerPool:
         self._next_id = 0
         self._stopping = threading.Event()
         self._reader: threading.Thread | None = None
+        self._retired = SchedulerStats()
+        """What workers that exited had done, as their last heartbeats told."""
 
     def _spawn(self, index: int, *, attempt: int = 0, load_errors: int = 0) -> _Worker:
         limits = self._limits[index]
@@ -196,7 +202,7 @@ class WorkerPool:
         self._end_processes()
         for worker in self._workers:
             worker.close()
-        self._fail(list(self._where), GenerationError("the model is shutting down"))
+        self._fail(list(self._where), GenerationError(N_("the model is shutting down")))
 
     def _end_processes(self) -> None:
         """Ask the workers to exit, wait for them, then end the ones that do not."""
@@ -231,15 +237,25 @@ class WorkerPool:
                 return "no worker can serve: " + "; ".join(w.describe() for w in self._workers)
         return None
 
+    def stats(self) -> SchedulerStats:
+        """The workers' schedulers' stats together, as their last heartbeats told (so up
+        to a heartbeat old); what a worker did before it exited stays counted."""
+        with self._lock:
+            total = self._retired
+            for worker in self._workers:
+                if worker.stats is not None and not worker.dead:
+                    total += worker.stats
+        return total
+
     def _open(self) -> list[_Worker]:
         """Workers that take a request now (under the lock)."""
         if self._stopping.is_set() or self._reader is None:
-            raise GenerationError("the model is not running")
+            raise GenerationError(N_("the model is not running"))
         now = time.monotonic()
         open_ = [w for w in self._workers if w.ready and not w.dead and w.load < w.capacity
                  and now - w.heard <= self._stall_after]
         if not open_:
-            raise Busy("too many conversations at once; try again shortly")
+            raise Busy(N_("too many conversations at once; try again shortly"))
         return open_
 
     def ensure_room(self) -> None:
@@ -296,6 +312,7 @@ class WorkerPool:
         if request_id == NEWS:
             if isinstance(item, Heartbeat):
                 worker.reported = item.health
+                worker.stats = item.stats
             elif isinstance(item, LoadFailed):
                 worker.load_error = item.message  # it exits next: _lost decides what then
             elif item == READY:
@@ -334,6 +351,8 @@ class WorkerPool:
         with self._lock:
             worker.dead, was_ready, worker.ready = True, worker.ready, False
             orphans = [i for i, w in self._where.items() if w is worker]
+            if worker.stats is not None:
+                self._retired += worker.stats.counters()
         worker.process.join(timeout=STOP_TIMEOUT_S)
         code = worker.process.exitcode
         worker.close()

@@ -171,13 +171,14 @@ class DiscordEmulator:
         return message_id
 
     def interact(self, name: str, options: dict[str, str] | None = None, *, author: int = 1,
-                 channel: str = CHANNEL, dm: bool = False) -> str:
-        """A slash command arrives; returns the interaction token."""
+                 channel: str = CHANNEL, dm: bool = False, locale: str = "en-US") -> str:
+        """A slash command arrives from a client set to ``locale``; returns the interaction
+        token."""
         token = f"itoken{next(self._ids)}"
         who = user(author, self.names.get(author))
         data: dict[str, Any] = {
             "id": str(next(self._ids)), "application_id": APP_ID, "type": 2, "token": token,
-            "version": 1, "locale": "en-US", "entitlements": [],
+            "version": 1, "locale": locale, "entitlements": [],
             "authorizing_integration_owners": {},
             "attachment_size_limit": 10 * 1024 * 1024,
             "app_permissions": str((1 << 53) - 1),

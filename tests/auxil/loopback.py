@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,13 @@ async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, int(port)
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server whose URL must be known before it starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float,  # noqa: ASYNC109

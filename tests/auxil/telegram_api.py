@@ -1,10 +1,16 @@
 """A loopback Telegram Bot API emulator: enough of the API for the real python-telegram-bot
 client, checked the way Telegram checks it (HTML entities, message length, edits that change
-nothing), recording every call, with faults that tests inject."""
+nothing), recording every call, with faults that tests inject.
+
+Updates go out by ``getUpdates``, or, once ``setWebhook`` is called, POSTed to the webhook
+as Telegram's Bot API server does (``WebhookActor`` in tdlib/telegram-bot-api): one chat's
+updates one at a time, the next only after a 2xx answer; chats at once up to
+``max_connections``; a non-2xx answer or a broken connection POSTs the same update again."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -13,7 +19,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 
 from tests.auxil.loopback import start, wait_until
@@ -114,6 +122,44 @@ class ApiCall:
 
 DROP = 0
 """A fault's status that closes the connection instead of answering."""
+NO_ANSWER = 0
+"""A webhook delivery's status when the connection broke or timed out."""
+_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class ApiRefusal(Exception):
+    """A method's refusal with a status of its own (400 is ``ValueError``'s)."""
+
+    def __init__(self, status: int, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+
+
+@dataclass
+class Delivery:
+    """One POST of an update to the webhook, and how the bot answered it."""
+
+    update_id: int
+    status: int
+    """``NO_ANSWER`` when the connection broke or timed out."""
+    retry_after: str | None = None
+    lost: bool = False
+    """The bot answered 2xx but the answer was lost on the way (``lose_webhook_answers``):
+    the update is POSTed again."""
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300 and not self.lost
+
+
+@dataclass
+class Webhook:
+    url: str
+    secret_token: str
+    max_connections: int
+    allowed_updates: list[str]
 
 
 @dataclass
@@ -146,6 +192,22 @@ class TelegramEmulator:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     url: str = ""
+    webhook: Webhook | None = None
+    """Set by ``setWebhook``: updates are POSTed to it, and ``getUpdates`` is refused."""
+    deliveries: list[Delivery] = field(default_factory=list)
+    """Every POST to the webhook, in the order the answers came."""
+    webhook_retry_s: float = 0.05
+    """Wait before POSTing an update again after a non-2xx answer (Telegram honours
+    ``Retry-After``, recorded in ``deliveries``; tests need not wait that long)."""
+    webhook_timeout_s: float = 60.0
+    """How long a POST may wait for its answer before it counts as broken."""
+    lose_webhook_answers: int = 0
+    """The next so many 2xx answers are lost on the way: those updates are POSTed again."""
+    _webhook_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _webhook_tasks: dict[Any, asyncio.Task[None]] = field(default_factory=dict)
+    """Per queue (a chat), the task POSTing its updates; ``None`` the one starting them."""
+    _connections: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
+    _session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> TelegramEmulator:
         app = web.Application(client_max_size=4 * 1024 * 1024)
@@ -156,31 +218,46 @@ class TelegramEmulator:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._runner is not None
+        await self._stop_webhook()
+        if self._session is not None:
+            await self._session.close()
         await self._runner.cleanup()
 
     # What tests do.
     def push_message(self, message: dict[str, Any], kind: str = "message") -> int:
-        self._updates.append({"update_id": next(self._update_ids), kind: message})
-        self._changed.set()
+        self.push_update({"update_id": next(self._update_ids), kind: message})
         return int(message.get("message_id", 0))
 
+    def push_update(self, update: dict[str, Any]) -> None:
+        """An update as it is (one already sent, again: as if Telegram had lost the bot's
+        answer to it)."""
+        self._updates.append(update)
+        self._changed.set()
+        self._webhook_wake.set()
+
     def user_message(self, *, chat: int = 1, user: int = 1, chat_type: str = "private",
-                     **fields: Any) -> dict[str, Any]:
+                     language: str | None = None, **fields: Any) -> dict[str, Any]:
+        """A message from ``user``, whose app is set to ``language`` (``language_code``)."""
+        author: dict[str, Any] = {"id": user, "is_bot": False, "first_name": f"user{user}"}
+        if language is not None:
+            author["language_code"] = language
         return {
             "message_id": next(self._message_ids), "date": int(time.time()),
             "chat": {"id": chat, "type": chat_type,
                      **({"first_name": f"user{user}"} if chat_type == "private"
                         else {"title": f"group {chat}"})},
-            "from": {"id": user, "is_bot": False, "first_name": f"user{user}"},
+            "from": author,
             **fields,
         }
 
     def push_text(self, text: str, *, chat: int = 1, user: int = 1, chat_type: str = "private",
                   reply_to: dict[str, Any] | None = None, thread: int | None = None,
-                  entities: list[dict[str, Any]] | None = None) -> int:
+                  entities: list[dict[str, Any]] | None = None,
+                  language: str | None = None) -> int:
         """A user's text message; ``entities`` default to the mentions and commands
         Telegram would find in it."""
-        message = self.user_message(chat=chat, user=user, chat_type=chat_type, text=text)
+        message = self.user_message(chat=chat, user=user, chat_type=chat_type, text=text,
+                                    language=language)
         if reply_to is not None:
             message["reply_to_message"] = reply_to
         if thread is not None:
@@ -231,6 +308,10 @@ class TelegramEmulator:
     def pending_updates(self) -> int:
         return len(self._updates)
 
+    def delivered(self, update_id: int) -> list[Delivery]:
+        """Every POST of this update to the webhook, with its answer."""
+        return [d for d in self.deliveries if d.update_id == update_id]
+
     # The API.
     async def _handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
@@ -267,6 +348,9 @@ class TelegramEmulator:
             return self._error(400, f"Bad Request: emulator does not implement {method}")
         try:
             result = await handler(params)
+        except ApiRefusal as exc:
+            self.calls.append(ApiCall(method, params, exc.status))
+            return self._error(exc.status, str(exc))
         except EntityError as exc:
             self.calls.append(ApiCall(method, params, 400))
             return self._error(400, f"Bad Request: can't parse entities: {exc}")
@@ -288,7 +372,49 @@ class TelegramEmulator:
         return BOT
 
     async def _api_deleteWebhook(self, params: dict[str, Any]) -> Any:
+        await self._stop_webhook()
+        self.webhook = None
+        if str(params.get("drop_pending_updates", "")).lower() == "true":
+            self._updates.clear()
         return True
+
+    async def _api_setWebhook(self, params: dict[str, Any]) -> Any:
+        url = str(params.get("url", ""))
+        if not url:
+            return await self._api_deleteWebhook(params)
+        parts = urlsplit(url)
+        # Telegram POSTs only to https; loopback http stands for a --local Bot API server.
+        if not (parts.scheme == "https" or (parts.scheme == "http"
+                                            and parts.hostname in _LOOPBACK)):
+            raise ValueError("bad webhook: An HTTPS URL must be provided for webhook")
+        secret = str(params.get("secret_token", ""))
+        if secret and not _SECRET_TOKEN.fullmatch(secret):
+            raise ValueError("secret token contains unallowed characters")
+        connections = int(params.get("max_connections", 40) or 40)
+        if not 1 <= connections <= 100:
+            raise ValueError("max_connections must be between 1 and 100")
+        await self._stop_webhook()
+        if str(params.get("drop_pending_updates", "")).lower() == "true":
+            self._updates.clear()
+        self.webhook = Webhook(url, secret, connections,
+                               list(params.get("allowed_updates") or []))
+        self._connections = asyncio.Semaphore(connections)
+        self._webhook_tasks[None] = asyncio.create_task(self._post_updates())
+        return True
+
+    async def _api_getWebhookInfo(self, params: dict[str, Any]) -> Any:
+        hook = self.webhook
+        info: dict[str, Any] = {"url": hook.url if hook else "", "has_custom_certificate": False,
+                                "pending_update_count": len(self._updates)}
+        if hook is not None:
+            info.update(max_connections=hook.max_connections)
+            if hook.allowed_updates:
+                info.update(allowed_updates=hook.allowed_updates)
+        failed = [d for d in self.deliveries if not d.ok]
+        if failed:
+            info.update(last_error_date=int(time.time()),
+                        last_error_message=f"Wrong response from the webhook: {failed[-1].status}")
+        return info
 
     async def _api_setMyCommands(self, params: dict[str, Any]) -> Any:
         return True
@@ -303,6 +429,9 @@ class TelegramEmulator:
                 for user in sorted(self.admins.get(chat, ()))]
 
     async def _api_getUpdates(self, params: dict[str, Any]) -> Any:
+        if self.webhook is not None:
+            raise ApiRefusal(409, "Conflict: can't use getUpdates method while webhook is "
+                                  "active; use deleteWebhook to delete the webhook first")
         offset = int(params.get("offset", 0) or 0)
         timeout = float(params.get("timeout", 0) or 0)
         limit = int(params.get("limit", 100) or 100)
@@ -315,6 +444,68 @@ class TelegramEmulator:
             except TimeoutError:
                 pass
         return self._updates[:limit]
+
+    # The webhook.
+    async def _post_updates(self) -> None:
+        """Start POSTing each chat's updates, as updates come."""
+        while self.webhook is not None:
+            self._webhook_wake.clear()
+            allowed = self.webhook.allowed_updates
+            if allowed:  # Telegram keeps no update of a kind not asked for
+                self._updates = [u for u in self._updates if _kind(u) in allowed]
+            for update in self._updates:
+                queue = _queue(update)
+                if queue not in self._webhook_tasks:
+                    self._webhook_tasks[queue] = asyncio.create_task(self._post_queue(queue))
+            await self._webhook_wake.wait()
+
+    async def _post_queue(self, queue: Any) -> None:
+        """One chat's updates, in order: the next only after a 2xx answer."""
+        try:
+            while self.webhook is not None:
+                update = next((u for u in self._updates if _queue(u) == queue), None)
+                if update is None:
+                    return
+                async with self._connections:
+                    delivery = await self._post(self.webhook, update)
+                self.deliveries.append(delivery)
+                if delivery.ok:
+                    self._updates = [u for u in self._updates if u is not update]
+                else:
+                    await asyncio.sleep(self.webhook_retry_s)
+        finally:
+            self._webhook_tasks.pop(queue, None)
+            self._webhook_wake.set()  # what came for this chat meanwhile starts again
+
+    async def _post(self, hook: Webhook, update: dict[str, Any]) -> Delivery:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        headers = {"Content-Type": "application/json"}
+        if hook.secret_token:
+            headers["X-Telegram-Bot-Api-Secret-Token"] = hook.secret_token
+        try:
+            async with self._session.post(
+                    hook.url, data=json.dumps(update).encode(), headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=self.webhook_timeout_s)) as response:
+                await response.read()
+                delivery = Delivery(update["update_id"], response.status,
+                                    response.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError):
+            return Delivery(update["update_id"], NO_ANSWER)
+        if delivery.ok and self.lose_webhook_answers:
+            self.lose_webhook_answers -= 1
+            delivery.lost = True
+        return delivery
+
+    async def _stop_webhook(self) -> None:
+        """Stop POSTing; what was not answered 2xx stays pending."""
+        tasks = list(self._webhook_tasks.values())
+        self._webhook_tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _render(self, params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         raw = str(params.get("text", ""))
@@ -361,3 +552,19 @@ class TelegramEmulator:
                              "reply markup of the message")
         stored.update(text=text, entities=entities, edits=stored["edits"] + 1)
         return self._result(message_id)
+
+
+_MESSAGE_KINDS = ("message", "edited_message", "channel_post", "edited_channel_post")
+
+
+def _kind(update: dict[str, Any]) -> str:
+    return next(key for key in update if key != "update_id")
+
+
+def _queue(update: dict[str, Any]) -> Any:
+    """Telegram's webhook queue: a message's chat (new and edited messages alike), or the
+    update alone."""
+    kind = _kind(update)
+    if kind in _MESSAGE_KINDS:
+        return ("chat", update[kind]["chat"]["id"])
+    return ("update", update["update_id"])
