@@ -16,11 +16,15 @@ import pytest
 import pytest_asyncio
 
 from adapters.openai_server import OpenAIServer
+from bot.config import Settings
 from bot.generators import ChatMessage, GenerationParams
 from bot.generators.encoder_decoder import EncoderDecoderScheduler
 from bot.generators.encoder_prompt import DEFAULT_INPUT_TOKENS, input_limit
 from bot.generators.huggingface import TransformersGenerator
 from bot.generators.scheduler import Request
+from bot.store import Role
+from storage.repository import SqlStore
+from tests.auxil.platform_replies import AskOn, ask_on_discord, ask_on_telegram
 from tests.auxil.process import chinwag
 from tests.auxil.waiting import until
 
@@ -380,3 +384,20 @@ def test_the_console_answers_with_an_encoder_decoder_model(
     # The history fills the encoder's window, none of it kept for the reply: a decoder-only
     # budget would keep 20 of the 48 tokens free and allow prompts of 20 at most.
     assert max(prompts) > TOKENIZER_LIMIT - 20
+
+
+@pytest.mark.parametrize("ask", [ask_on_telegram, ask_on_discord],
+                         ids=["telegram", "discord"])
+async def test_an_encoder_decoder_model_answers_through_the_platform(
+        ask: AskOn, folders: Callable[..., Path], store: SqlStore, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Greedy (temperature 0), so that the generator asked again writes the same reply.
+    settings = settings.model_copy(update={"temperature": 0.0, "max_reply_tokens": 16,
+                                           "repetition_penalty": 1.5})
+    async with TransformersGenerator(str(folders("t5")), tmp_path / "cache",
+                                     "cpu") as generator:
+        answered = await ask(store, settings, generator, monkeypatch, "hello there")
+    assert answered.shown.strip() and answered.shown == answered.own
+    assert all(word in WORDS for word in answered.shown.split())
+    assert [(row.role, row.text) for row in answered.stored] == [
+        (Role.USER, "hello there"), (Role.ASSISTANT, answered.shown)]

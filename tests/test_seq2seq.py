@@ -4,29 +4,36 @@ console). Models here are tiny and train on slices, so that each test takes seco
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.app import stored_exchanges
-from bot.config import load_settings
-from bot.errors import Busy, ConfigError, ModelUnavailable, TrainingError
+from bot.config import Settings, load_settings
+from bot.errors import Busy, ConfigError, GenerationError, ModelUnavailable, TrainingError
+from bot.generators import seq2seq as seq2seq_generator
 from bot.generators.base import ChatMessage, GenerationParams
 from bot.generators.seq2seq import Seq2SeqGenerator
 from bot.seq2seq import files
 from bot.seq2seq.corpus import Pair, load_pairs, split_by_prompt
-from bot.seq2seq.decoding import beam_search, greedy, sequence_log_prob
+from bot.seq2seq.decoding import beam_search, greedy, greedy_steps, sequence_log_prob
 from bot.seq2seq.model import Seq2Seq
 from bot.seq2seq.options import ModelConfig, TrainOptions
 from bot.seq2seq.tokenizer import Seq2SeqTokenizer, encoder_input
 from bot.seq2seq.training import Trained, train
-from bot.store import NewReply, NewUserMessage
+from bot.store import NewReply, NewUserMessage, Role
 from storage.repository import SqlStore
+from tests.auxil.platform_replies import AskOn, ask_on_discord, ask_on_telegram
 from tests.auxil.process import chinwag
+from tests.auxil.waiting import until
 
 TINY = ModelConfig(vocab_size=400, hidden=32, embedding=24, max_source_len=24,
                    max_target_len=24, dropout=0.1)
@@ -335,6 +342,43 @@ async def test_closing_the_stream_early_stops_the_decoding(model_dir: Path) -> N
                                                           PARAMS)])
 
 
+async def test_closing_drops_a_queued_reply_with_an_error_not_a_hang(
+        model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def held_steps(*args: Any, **kwargs: Any) -> Iterator[tuple[int, torch.Tensor]]:
+        if not started.is_set():  # the first reply holds the only decoding thread
+            started.set()
+            release.wait(timeout=30)
+        yield from greedy_steps(*args, **kwargs)
+
+    monkeypatch.setattr(seq2seq_generator, "greedy_steps", held_steps)
+
+    async def reply(generator: Seq2SeqGenerator, text: str) -> str:
+        return "".join([p async for p in generator.stream([ChatMessage("user", text)],
+                                                          PARAMS)])
+
+    generator = Seq2SeqGenerator(model_dir, threads=1)
+    await generator.__aenter__()
+    # Started together, on one thread: the first's decoding runs (and is held) while the
+    # second's waits for the thread, its input already encoded.
+    first = asyncio.create_task(reply(generator, "Hello"))
+    second = asyncio.create_task(reply(generator, "Hi"))
+    await until(started.is_set, "the first reply's decoding")
+    pool = generator._pool
+    assert pool is not None
+    await until(lambda: pool._work_queue.qsize() == 1, "the second reply's decoding queued")
+    closing = asyncio.create_task(generator.__aexit__(None, None, None))
+    try:
+        with pytest.raises(GenerationError, match="the model is shutting down"):
+            await asyncio.wait_for(second, 10)  # before the fix: waited for ever
+    finally:
+        release.set()
+        await closing
+    assert await first  # the running one finished
+    assert generator.health() == "the model is not loaded"
+
+
 async def test_tokens_are_counted_and_a_long_history_is_cut_from_its_oldest_end(
         trained: Trained, model_dir: Path) -> None:
     tokenizer = trained.tokenizer
@@ -499,3 +543,19 @@ def test_the_command_refuses_a_foreign_out_folder_before_training(tmp_path: Path
     with pytest.raises(TrainingError, match="another kind of model"):
         run(TrainCommand("db", tmp_path, FAST), tmp_path, stored, write=lambda _: None)
     assert read == []  # refused before the corpus was even read
+
+
+# Through the platforms
+
+
+@pytest.mark.parametrize("ask", [ask_on_telegram, ask_on_discord],
+                         ids=["telegram", "discord"])
+async def test_a_trained_model_answers_through_the_platform(
+        ask: AskOn, model_dir: Path, store: SqlStore, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings.model_copy(update={"max_reply_tokens": 16})
+    async with Seq2SeqGenerator(model_dir) as generator:
+        answered = await ask(store, settings, generator, monkeypatch, "What is AI?")
+    assert answered.shown.strip() and answered.shown == answered.own
+    assert [(row.role, row.text) for row in answered.stored] == [
+        (Role.USER, "What is AI?"), (Role.ASSISTANT, answered.shown)]

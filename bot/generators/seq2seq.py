@@ -20,15 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from bot.errors import Busy, GenerationError
 from bot.generators.base import ChatMessage, GenerationParams
 from bot.generators.reply_text import ReplyText
+from bot.i18n import N_
 from bot.seq2seq import files
 from bot.seq2seq.decoding import beam_search, greedy_steps
 from bot.seq2seq.tokenizer import encoder_input
@@ -36,14 +37,19 @@ from bot.seq2seq.tokenizer import encoder_input
 logger = logging.getLogger(__name__)
 
 DECODING_THREADS = 2
+SHUTTING_DOWN = N_("the model is shutting down")
+
+T = TypeVar("T")
 
 
 class Seq2SeqGenerator:
     name = "seq2seq"
 
-    def __init__(self, model_dir: Path, *, beam: int = 1, max_requests: int = 64) -> None:
+    def __init__(self, model_dir: Path, *, beam: int = 1, max_requests: int = 64,
+                 threads: int = DECODING_THREADS) -> None:
         self._dir = model_dir
         self._beam = max(1, beam)
+        self._threads = max(1, threads)
         self._max_requests = max_requests
         self._active = 0
         self._saved: files.SavedModel | None = None
@@ -51,7 +57,7 @@ class Seq2SeqGenerator:
 
     async def __aenter__(self) -> Self:
         self._saved = await asyncio.to_thread(files.load, self._dir)
-        self._pool = ThreadPoolExecutor(DECODING_THREADS, thread_name_prefix="seq2seq")
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="seq2seq")
         config = self._saved.model.config
         logger.info("seq2seq model %s loaded: %s %s, hidden %s, %s layer(s), %s tokens",
                     self._dir, "bidirectional" if config.bidirectional else "unidirectional",
@@ -62,6 +68,8 @@ class Seq2SeqGenerator:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
+            # Jobs still waiting for a thread are dropped: their streams end with
+            # SHUTTING_DOWN (see _in_pool and _greedy_reply) rather than wait for ever.
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
         self._saved = None  # unloaded: the memory goes back (a pool of models may load another)
 
@@ -104,8 +112,7 @@ class Seq2SeqGenerator:
             raise Busy(f"{self._active} replies are being written")
         self._active += 1
         try:
-            loop = asyncio.get_running_loop()
-            source = await loop.run_in_executor(pool, self.source_ids, messages)
+            source = await _in_pool(pool, lambda: self.source_ids(messages))
             max_len = max(1, min(params.max_new_tokens, saved.model.config.max_target_len))
             reply = ReplyText(saved.tokenizer, params.stop)
             if self._beam > 1:
@@ -122,9 +129,10 @@ class Seq2SeqGenerator:
         saved = self._loaded()
         tokenizer = saved.tokenizer
         try:
-            best = await asyncio.get_running_loop().run_in_executor(
-                pool, lambda: beam_search(saved.model, source, tokenizer.bos_id,
-                                          tokenizer.eos_id, max_len, self._beam))
+            best = await _in_pool(pool, lambda: beam_search(
+                saved.model, source, tokenizer.bos_id, tokenizer.eos_id, max_len, self._beam))
+        except GenerationError:
+            raise
         except Exception as exc:  # converted where it enters: the reply fails cleanly
             logger.exception("seq2seq beam search failed")
             raise GenerationError(f"decoding failed: {exc.__class__.__name__}: {exc}") from exc
@@ -156,7 +164,17 @@ class Seq2SeqGenerator:
                 logger.exception("seq2seq decoding failed")
                 emit(GenerationError(f"decoding failed: {exc.__class__.__name__}: {exc}"))
 
-        done = loop.run_in_executor(pool, decode)
+        done = _submit(loop, pool, decode)
+
+        def dropped(future: asyncio.Future[None]) -> None:
+            # Dropped from the queue by the generator closing, decode never runs, so nothing
+            # else would end the stream (an escaping BaseException would not either).
+            if future.cancelled():
+                tokens.put_nowait(GenerationError(SHUTTING_DOWN))
+            elif future.exception() is not None:
+                tokens.put_nowait(GenerationError(f"decoding failed: {future.exception()!r}"))
+
+        done.add_done_callback(dropped)
         try:
             while not reply.stopped:
                 item = await tokens.get()
@@ -169,5 +187,26 @@ class Seq2SeqGenerator:
                     break
         finally:
             cancelled.set()  # a stop string, /stop or a timeout: the thread ends at its next step
-            await asyncio.shield(done)
+            await asyncio.wait([done])  # not cancelled with the caller; its error is on tokens
+
+
+def _submit(loop: asyncio.AbstractEventLoop, pool: ThreadPoolExecutor,
+            call: Callable[[], T]) -> asyncio.Future[T]:
+    try:
+        return loop.run_in_executor(pool, call)
+    except RuntimeError as exc:  # the pool has shut down: the generator is closing
+        raise GenerationError(SHUTTING_DOWN) from exc
+
+
+async def _in_pool(pool: ThreadPoolExecutor, call: Callable[[], T]) -> T:
+    """``call`` on a decoding thread. Closing the generator while it waits for a thread
+    is a GenerationError to the caller, not a CancelledError it did not ask for."""
+    future = _submit(asyncio.get_running_loop(), pool, call)
+    try:
+        return await future
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # the caller was cancelled: let it end
+            raise
+        raise GenerationError(SHUTTING_DOWN) from None
 
