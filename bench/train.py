@@ -94,7 +94,7 @@ def main() -> None:
         if pair.prompt in seen:
             continue
         seen.add(pair.prompt)
-        source = encoder_input(tokenizer, [("user", pair.prompt)], config.max_source_len)
+        source = encoder_input(tokenizer, pair.turns(), config.max_source_len)
         ends = tokenizer.bos_id, tokenizer.eos_id, config.max_target_len
         print(f"  > {pair.prompt}\n"
               f"  < {tokenizer.decode(greedy(model, source, *ends).ids)}   (greedy)\n"

@@ -28,7 +28,7 @@ from bot.seq2seq.decoding import beam_search, greedy, greedy_steps, sequence_log
 from bot.seq2seq.model import Seq2Seq
 from bot.seq2seq.options import ModelConfig, TrainOptions
 from bot.seq2seq.tokenizer import Seq2SeqTokenizer, encoder_input
-from bot.seq2seq.training import Trained, train
+from bot.seq2seq.training import Trained, make_examples, train
 from bot.store import NewReply, NewUserMessage, Role
 from storage.repository import SqlStore
 from tests.auxil.platform_replies import AskOn, ask_on_discord, ask_on_telegram
@@ -75,7 +75,11 @@ def test_yaml_tsv_and_jsonl_files_give_the_same_pairs(tmp_path: Path) -> None:
     (tmp_path / "c.jsonl").write_text("\n".join(
         json.dumps({"prompt": p.prompt, "reply": p.reply}) for p in expected) + "\n")
     for name in ("c.yml", "c.yaml", "c.tsv", "c.jsonl"):
-        assert load_pairs(str(tmp_path / name)) == expected, name
+        pairs = load_pairs(str(tmp_path / name))
+        assert [Pair(p.prompt, p.reply) for p in pairs] == expected, name
+    # A conversation's later turn keeps the turns before it (chat shows the model those too).
+    assert [p.context for p in load_pairs(str(tmp_path / "c.yml"))] == [(), ("Hi",), ()]
+    assert all(p.context == () for p in load_pairs(str(tmp_path / "c.tsv")))
 
 
 @pytest.mark.parametrize(("name", "content", "message"), [
@@ -308,6 +312,27 @@ async def test_the_generator_streams_the_greedy_reply_token_by_token(
     assert "".join(pieces) == trained.tokenizer.decode(expected.ids)
     assert len(pieces) > 1
     assert generator.health() == "the model is not loaded"
+
+
+async def test_training_renders_a_later_turn_as_chat_renders_the_turns_before_it(
+        trained: Trained, model_dir: Path, english: list[Pair]) -> None:
+    # The shortest, so that all three turns fit in the tiny model's 24 source tokens.
+    pair = min((p for p in english if len(p.context) == 2),
+               key=lambda p: len("".join([*p.context, p.prompt])))
+    first, answer = pair.context
+    messages = [ChatMessage("system", "You are a helpful assistant."),
+                ChatMessage("user", first), ChatMessage("assistant", answer),
+                ChatMessage("user", pair.prompt)]
+    [example] = make_examples([pair], trained.tokenizer, TINY)
+    async with Seq2SeqGenerator(model_dir) as generator:
+        assert example.source == generator.source_ids(messages)
+    tokenizer = trained.tokenizer
+    assert example.source == encoder_input(
+        tokenizer, [("user", first), ("assistant", answer), ("user", pair.prompt)],
+        TINY.max_source_len)
+    assert tokenizer.bot_id in example.source  # the <bot> marker is trained on
+    [single] = make_examples([Pair(pair.prompt, pair.reply)], tokenizer, TINY)
+    assert single.source == _source(trained, pair.prompt)
 
 
 async def test_beam_search_shows_the_reply_at_once(trained: Trained, model_dir: Path) -> None:

@@ -4,7 +4,8 @@ Sources, as ``chinwag train seq2seq --corpus`` names them:
 
 - ``chatterbot:<language>``: the YAML files of the ``chatterbot-corpus`` package
   (``chatterbot:english``, ``chatterbot:chinese``); each conversation of n turns gives n-1
-  pairs (every turn answers the one before it), as ChatterBot itself trains on them;
+  pairs (every turn answers the one before it), as ChatterBot itself trains on them, each
+  with the turns before its prompt as context (chat shows the model the recent turns);
 - a ``.yml``/``.yaml`` file in that format, or a top-level list of ``[prompt, reply]``;
 - a ``.tsv`` file: one pair a line, prompt and reply separated by one tab;
 - a ``.jsonl`` file: one ``{"prompt": ..., "reply": ...}`` object a line;
@@ -16,7 +17,6 @@ Every reader fails with a ``TrainingError`` that names the file and line or entr
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import random
@@ -38,6 +38,15 @@ CHATTERBOT_PREFIX = "chatterbot:"
 class Pair:
     prompt: str
     reply: str
+    context: tuple[str, ...] = ()
+    """The conversation's turns before ``prompt``, oldest first (the newest is the bot's)."""
+
+    def turns(self) -> list[tuple[str, str]]:
+        """``(role, text)`` oldest first, as chat passes turns to ``encoder_input``: roles
+        alternate back from the prompt, the user's turn."""
+        texts = [*self.context, self.prompt]
+        return [("assistant" if (len(texts) - 1 - i) % 2 else "user", text)
+                for i, text in enumerate(texts)]
 
 
 def load_pairs(corpus: str, stored: Callable[[], Iterable[Pair]] | None = None) -> list[Pair]:
@@ -55,7 +64,8 @@ def load_pairs(corpus: str, stored: Callable[[], Iterable[Pair]] | None = None) 
         path = Path(corpus).expanduser()
         pairs = file_pairs(path)
         where = str(path)
-    kept = [p for p in (Pair(p.prompt.strip(), p.reply.strip()) for p in pairs)
+    kept = [p for p in (Pair(p.prompt.strip(), p.reply.strip(),
+                             tuple(t.strip() for t in p.context)) for p in pairs)
             if p.prompt and p.reply]
     if not kept:
         raise TrainingError(f"{where} holds no dialogue pairs to train on")
@@ -144,7 +154,8 @@ def _yaml_pairs(text: str, where: str, *, strict: bool = True) -> list[Pair]:
                 raise
             logger.info("skipping it: %s", exc)
             continue
-        pairs += [Pair(a, b) for a, b in itertools.pairwise(texts)]
+        pairs += [Pair(texts[i], texts[i + 1], tuple(texts[:i]))
+                  for i in range(len(texts) - 1)]
     return pairs
 
 

@@ -100,7 +100,8 @@ def encoder_input(tokenizer: Seq2SeqTokenizer, turns: Sequence[tuple[str, str]],
     """The encoder's input for a conversation's turns, ``(role, text)`` oldest first: each
     turn is its role's marker (``<user>``, or ``<bot>`` for the assistant) and its text.
     Only the newest ``max_len`` tokens are kept: a long history is cut from its oldest end
-    (and older turns are not even tokenized). Training pairs are one user turn each."""
+    (and older turns are not even tokenized). Training renders each pair's turns with it
+    too (``Pair.turns``), so the model is trained on what chat shows it."""
     pieces: list[list[int]] = []
     size = 0
     for role, text in reversed(turns):

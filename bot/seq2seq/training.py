@@ -68,7 +68,8 @@ def make_examples(pairs: Sequence[Pair], tokenizer: Seq2SeqTokenizer,
     replies = tokenizer.encode_batch([p.reply for p in pairs])
     examples = []
     for pair, reply in zip(pairs, replies, strict=True):
-        source = encoder_input(tokenizer, [("user", pair.prompt)], config.max_source_len)
+        # The rendering chat uses (``Seq2SeqGenerator.source_ids``): the same markers, cut.
+        source = encoder_input(tokenizer, pair.turns(), config.max_source_len)
         target = [tokenizer.bos_id, *reply, tokenizer.eos_id][: config.max_target_len + 1]
         examples.append(Example(source, target))
     return examples
