@@ -21,6 +21,7 @@ counts and truncation all encode without truncation or padding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from bot.generators import model_files
 from bot.generators.base import ChatMessage, GenerationParams
 from bot.generators.encoder_decoder import EncoderDecoderScheduler, is_encoder_decoder
 from bot.generators.encoder_prompt import EncoderPrompt
-from bot.generators.reply_text import ReplyText
+from bot.generators.reply_text import ReplyText, stream_reply
 from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request, eos_ids
 from bot.generators.stats import SchedulerStats
 from bot.generators.tokens import TemplateCounter, TokenCounter
@@ -206,15 +207,9 @@ class TransformersGenerator:
         scheduler.submit(request)
         reply = ReplyText(self._tokenizer, params.stop)
         try:
-            while not reply.stopped:
-                item = await tokens.get()
-                if isinstance(item, BaseException):
-                    raise item
-                piece = reply.end() if item is None else reply.add(item)
-                if piece:
+            async with contextlib.aclosing(stream_reply(reply, tokens)) as pieces:
+                async for piece in pieces:
                     yield piece
-                if item is None:
-                    break
         finally:
             # Closing the stream early (a stop string, timeout, shutdown) frees the slot at
             # the scheduler's next step.

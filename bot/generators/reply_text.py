@@ -9,9 +9,10 @@ as it decodes then, so that the cost per token stays bounded.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from bot.generators.base import cut_at_stop, held_back
@@ -131,3 +132,19 @@ class ReplyText:
         hold = 0 if self.stopped or last else held_back(pending, self._stop)
         ready, self._pending = pending[:len(pending) - hold], pending[len(pending) - hold:]
         return ready
+
+
+async def stream_reply(reply: ReplyText,
+                       tokens: asyncio.Queue[int | BaseException | None]
+                       ) -> AsyncGenerator[str, None]:
+    """The reply's text as a model thread fills ``tokens``: token ids, then ``None`` when
+    the reply is over, or an exception to raise here. Ends early at a stop string."""
+    while not reply.stopped:
+        item = await tokens.get()
+        if isinstance(item, BaseException):
+            raise item
+        piece = reply.end() if item is None else reply.add(item)
+        if piece:
+            yield piece
+        if item is None:
+            return

@@ -18,6 +18,7 @@ sense of a decoder-only model: the input is cut here and the reply is at most th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,7 +29,7 @@ from typing import Self, TypeVar
 
 from bot.errors import Busy, GenerationError
 from bot.generators.base import ChatMessage, GenerationParams
-from bot.generators.reply_text import ReplyText
+from bot.generators.reply_text import ReplyText, stream_reply
 from bot.i18n import N_
 from bot.seq2seq import files
 from bot.seq2seq.decoding import beam_search, greedy_steps
@@ -176,15 +177,9 @@ class Seq2SeqGenerator:
 
         done.add_done_callback(dropped)
         try:
-            while not reply.stopped:
-                item = await tokens.get()
-                if isinstance(item, BaseException):
-                    raise item
-                piece = reply.end() if item is None else reply.add(item)
-                if piece:
+            async with contextlib.aclosing(stream_reply(reply, tokens)) as pieces:
+                async for piece in pieces:
                     yield piece
-                if item is None:
-                    break
         finally:
             cancelled.set()  # a stop string, /stop or a timeout: the thread ends at its next step
             await asyncio.wait([done])  # not cancelled with the caller; its error is on tokens
