@@ -42,7 +42,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from bot.errors import ModelUnavailable
-from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request, _pad, _pad_mask
+from bot.generators.padding import pad_left, pad_mask_left, pad_right
+from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request
 
 logger = logging.getLogger(__name__)
 
@@ -313,35 +314,23 @@ def _merge(old: _Batch, new: _Batch) -> _Batch:
 
     target = max(old.mask.shape[1], new.mask.shape[1])
     source = max(old.source_mask.shape[1], new.source_mask.shape[1])
-    selves = [(torch.cat([_pad(ok, target), _pad(nk, target)]),
-               torch.cat([_pad(ov, target), _pad(nv, target)]))
+    selves = [(torch.cat([pad_left(ok, target), pad_left(nk, target)]),
+               torch.cat([pad_left(ov, target), pad_left(nv, target)]))
               for (ok, ov), (nk, nv) in zip(_layers(old.cache.self_attention_cache),
                                             _layers(new.cache.self_attention_cache),
                                             strict=True)]
-    crosses = [(torch.cat([_pad_right(ok, source), _pad_right(nk, source)]),
-                torch.cat([_pad_right(ov, source), _pad_right(nv, source)]))
+    crosses = [(torch.cat([pad_right(ok, source), pad_right(nk, source)]),
+                torch.cat([pad_right(ov, source), pad_right(nv, source)]))
                for (ok, ov), (nk, nv) in zip(_layers(old.cache.cross_attention_cache),
                                              _layers(new.cache.cross_attention_cache),
                                              strict=True)]
     return _Batch(
         rows=[*old.rows, *new.rows],
-        states=torch.cat([_pad_right(old.states, source, dim=1),
-                          _pad_right(new.states, source, dim=1)]),
-        source_mask=torch.cat([_pad_right(old.source_mask, source, dim=1),
-                               _pad_right(new.source_mask, source, dim=1)]),
+        states=torch.cat([pad_right(old.states, source, dim=1),
+                          pad_right(new.states, source, dim=1)]),
+        source_mask=torch.cat([pad_right(old.source_mask, source, dim=1),
+                               pad_right(new.source_mask, source, dim=1)]),
         cache=EncoderDecoderCache(DynamicCache(ddp_cache_data=selves),
                                   DynamicCache(ddp_cache_data=crosses)),
-        mask=torch.cat([_pad_mask(old.mask, target), _pad_mask(new.mask, target)]),
+        mask=torch.cat([pad_mask_left(old.mask, target), pad_mask_left(new.mask, target)]),
         positions=[*old.positions, *new.positions], last=[*old.last, *new.last])
-
-
-def _pad_right(states: Any, length: int, dim: int = -2) -> Any:
-    """Zeros after ``states`` along ``dim`` up to ``length``."""
-    import torch
-
-    missing = length - states.shape[dim]
-    if missing == 0:
-        return states
-    shape = list(states.shape)
-    shape[dim] = missing
-    return torch.cat([states, states.new_zeros(shape)], dim=dim)

@@ -26,6 +26,7 @@ from typing import Any
 
 from bot.errors import Busy, GenerationError
 from bot.generators.base import GenerationParams
+from bot.generators.padding import pad_left, pad_mask_left
 from bot.generators.stats import SchedulerStats, StepMeter
 from bot.i18n import N_
 
@@ -347,11 +348,11 @@ class BatchScheduler:
         else:
             old = [(layer.keys, layer.values) for layer in self._cache.layers]
             length = max(old[0][0].shape[-2], new[0][0].shape[-2])
-            merged = [(torch.cat([_pad(ok, length), _pad(nk, length)]),
-                       torch.cat([_pad(ov, length), _pad(nv, length)]))
+            merged = [(torch.cat([pad_left(ok, length), pad_left(nk, length)]),
+                       torch.cat([pad_left(ov, length), pad_left(nv, length)]))
                       for (ok, ov), (nk, nv) in zip(old, new, strict=True)]
             self._cache = DynamicCache(ddp_cache_data=merged)
-            self._mask = torch.cat([_pad_mask(self._mask, length), _pad_mask(mask, length)])
+            self._mask = torch.cat([pad_mask_left(self._mask, length), pad_mask_left(mask, length)])
         for row in keep:
             self._rows.append(requests[row])
             self._positions.append(len(requests[row].prompt))
@@ -424,23 +425,3 @@ class BatchScheduler:
             choice = torch.multinomial(ordered, 1)
             tokens[index] = order.gather(-1, choice).squeeze(-1)
         return tokens
-
-
-def _pad(states: Any, length: int) -> Any:
-    """Left-pad ``[batch, heads, seq, dim]`` states with zeros to ``length`` positions."""
-    import torch
-
-    missing = length - states.shape[-2]
-    if missing == 0:
-        return states
-    shape = (*states.shape[:-2], missing, states.shape[-1])
-    return torch.cat([states.new_zeros(shape), states], dim=-2)
-
-
-def _pad_mask(mask: Any, length: int) -> Any:
-    import torch
-
-    missing = length - mask.shape[-1]
-    if missing == 0:
-        return mask
-    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=-1)
