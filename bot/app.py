@@ -32,6 +32,8 @@ from storage.migrate import downgrade, upgrade
 from storage.repository import SqlStore
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from bot.seq2seq.command import TrainCommand
     from bot.seq2seq.corpus import Pair
 
@@ -93,8 +95,7 @@ async def stored_exchanges(database_url: str, page: int = 1000) -> list[Pair]:
     """Every user message that has a reply, with the reply, oldest first."""
     from bot.seq2seq.corpus import Pair
 
-    engine = create_engine(database_url)
-    try:
+    async with _database(database_url) as engine:
         await upgrade(engine)
         store = SqlStore(engine)
         pairs: list[Pair] = []
@@ -103,22 +104,24 @@ async def stored_exchanges(database_url: str, page: int = 1000) -> list[Pair]:
             pairs += [Pair(e.prompt, e.reply) for e in batch]
             after = batch[-1].reply_id
         return pairs
-    finally:
-        await engine.dispose()
 
 
 async def upgrade_database(settings: Settings) -> str | None:
-    engine = create_engine(settings.database_url)
-    try:
+    async with _database(settings.database_url) as engine:
         return await upgrade(engine)
-    finally:
-        await engine.dispose()
 
 
 async def downgrade_database(settings: Settings, revision: str) -> str | None:
-    engine = create_engine(settings.database_url)
-    try:
+    async with _database(settings.database_url) as engine:
         return await downgrade(engine, revision)
+
+
+@asynccontextmanager
+async def _database(url: str) -> AsyncIterator[AsyncEngine]:
+    """The database's engine for the block; its connections are closed after."""
+    engine = create_engine(url)
+    try:
+        yield engine
     finally:
         await engine.dispose()
 
@@ -131,8 +134,7 @@ async def open_chinwag(settings: Settings, generator: Generator | None = None, *
     long as the block runs; everything is closed in reverse order afterwards. ``metrics``
     and ``probes`` learn of each part as it starts."""
     metrics = metrics or Metrics()
-    engine = create_engine(settings.database_url)
-    try:
+    async with _database(settings.database_url) as engine:
         await upgrade(engine)
         store = SqlStore(engine, metrics=metrics)
         async with RetentionSweeper(store, settings.retention_days), \
@@ -143,8 +145,6 @@ async def open_chinwag(settings: Settings, generator: Generator | None = None, *
                                 metrics=metrics, memory=memory) as manager:
             _loaded(models, settings, metrics, probes)
             yield manager
-    finally:
-        await engine.dispose()
 
 
 def _loaded(generator: Generator | ModelPool, settings: Settings, metrics: Metrics,
