@@ -1,19 +1,28 @@
-"""Many conversations at once on one model: sequential `generate`, transformers' continuous
-batching, and Chinwag's scheduler, side by side in one run.
+"""Many conversations at once on one model: sequential `generate`, one static padded batch,
+transformers' continuous batching (with and without CUDA graphs), and Chinwag's scheduler,
+side by side in one run.
 
-N requests arrive over about a second; each generates exactly ``--tokens`` new tokens (EOS
-ignored), so every strategy does the same work. Per strategy and N it prints aggregate
-generated tokens/s, the ratio to sequential, time to first token p50/p95 and whole-reply
-latency p50/p95. The last line sums up N = 16 (or the largest N run).
+N requests arrive over ``--spread`` seconds (0: all at once, the steady state); each
+generates exactly ``--tokens`` new tokens (EOS ignored), so every strategy does the same
+work. Per strategy and N it prints aggregate generated tokens/s, the ratio to sequential,
+time to first token p50/p95 and whole-reply latency p50/p95; Chinwag's row adds
+``step_ms=`` (wall time per decoding step) and ``graphs=<replays>/<steps> (<pct>%)`` (steps
+that replayed a CUDA graph). The static batch has every request present at the start by
+definition (the spread does not apply to it). ``--agreement K`` checks that Chinwag's first
+32 greedy tokens are the same batched as alone. The last line sums up N = 16 (or the
+largest N run): ``N=<n> chinwag=<tok/s> x_sequential= x_transformers_cb= x_static=
+ttft_p95= cb_ttft_p95= config=``.
 
-Usage: python bench/generation.py [--n 1,4,16,32] [--tokens 32] [--model builtin|<folder>]
-       [--device cpu|cuda] [--random-small | --random-large] [--strategies seq,cb,chinwag]
+Usage: python bench/generation.py [--n 1,4,16,32] [--tokens 32] [--spread 1.0]
+       [--model builtin|<folder>] [--device cpu|cuda] [--random-small | --random-large]
+       [--strategies seq,cb,cbgraph,static,chinwag,chinwag2p] [--seq-max N] [--agreement K]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import threading
 import time
@@ -28,6 +37,10 @@ PROMPTS = ["What is the capital of France?", "Name three colours.",
            "Write a haiku about the sea.", "What is two plus two?",
            "Tell me a fun fact about cats.", "How do plants grow?",
            "Explain rain to a child.", "What is a prime number?"]
+
+
+class Unavailable(Exception):
+    """This strategy cannot run here (no such option in this transformers, not a GPU)."""
 
 
 @dataclass
@@ -46,7 +59,12 @@ def percentile(values: list[float], fraction: float) -> float:
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    from bot.generators.huggingface import pick_device
+
+    # Chinwag's own choice (CHINWAG_DTYPE=auto: bf16 on CUDA and on a CPU with native bf16),
+    # the same model for every strategy.
+    _device, dtype = pick_device(args.device, args.dtype)
+    print(f"model dtype: {str(dtype).removeprefix('torch.')} on {args.device}")
     if args.random_small or args.random_large:
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -57,7 +75,8 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
         config = LlamaConfig(vocab_size=49152, max_position_embeddings=8192,
                              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **size)
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(device=args.device, dtype=dtype).eval()
+        with torch.device(args.device):  # initialise on the device: far quicker for 1.7B
+            model = LlamaForCausalLM(config).to(dtype=dtype).eval()
         tokenizer = None
         try:
             from bot.generators import model_files
@@ -120,68 +139,151 @@ def run_sequential(model: Any, prompts: list[list[int]], tokens: int,
     return timings
 
 
+def run_static(model: Any, prompts: list[list[int]], tokens: int,
+               spread: float) -> list[Timing]:
+    """One left-padded `generate` over every prompt: the classic static batch. Every request
+    is present at the start by definition, so ``spread`` does not apply; each one's first
+    token is the batch's first step and its end the batch's end."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    start = time.perf_counter()
+    timings = [Timing(start) for _ in prompts]
+    length = max(len(ids) for ids in prompts)
+    inputs = torch.zeros((len(prompts), length), dtype=torch.long)
+    mask = torch.zeros_like(inputs)
+    for row, ids in enumerate(prompts):
+        inputs[row, length - len(ids):] = torch.tensor(ids)
+        mask[row, length - len(ids):] = 1
+
+    class First(BaseStreamer):
+        calls = 0
+
+        def put(self, value: Any) -> None:
+            self.calls += 1
+            if self.calls == 2:  # the first call hands over the prompt
+                first = time.perf_counter()
+                for timing in timings:
+                    timing.first = first
+
+        def end(self) -> None:
+            pass
+
+    with torch.inference_mode():
+        model.generate(inputs.to(model.device), attention_mask=mask.to(model.device),
+                       max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                       streamer=First(), pad_token_id=0)
+    done = time.perf_counter()
+    for timing in timings:
+        timing.done, timing.tokens = done, tokens
+    return timings
+
+
 def run_transformers_cb(model: Any, prompts: list[list[int]], tokens: int,
-                        spread: float) -> list[Timing]:
+                        spread: float, graphs: bool = False) -> list[Timing]:
     """transformers' own continuous-batching manager, fed as requests arrive."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import (  # transformers >= 5.x
         ContinuousBatchingConfig,
     )
 
+    options: dict[str, Any] = {}
+    if graphs:
+        if "use_cuda_graph" not in {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}:
+            raise Unavailable("this transformers' ContinuousBatchingConfig has no use_cuda_graph")
+        if model.device.type != "cuda":
+            raise Unavailable(f"CUDA graphs need a CUDA device, not {model.device.type}")
+        options["use_cuda_graph"] = True
     config = copy.deepcopy(GenerationConfig(max_new_tokens=tokens, do_sample=False))
-    cb = ContinuousBatchingConfig(num_blocks=max(16, len(prompts) * 2), max_batch_tokens=512)
-    manager = model.init_continuous_batching(generation_config=config,
-                                             continuous_batching_config=cb)
-    manager.start()
-    start = time.perf_counter()
-    timings = {f"r{i}": Timing(start + a) for i, a in enumerate(arrivals(len(prompts), spread))}
-    finished = threading.Event()
+    # Room for every request's prompt and reply at once, above its 15% admission margin,
+    # so it never has to run the batch in waves.
+    page = ContinuousBatchingConfig().page_size
+    pages = -(-(max(len(ids) for ids in prompts) + tokens + 1) // page)
+    cb = ContinuousBatchingConfig(num_blocks=max(16, len(prompts) * pages * 5 // 4 + 4),
+                                  max_batch_tokens=512, **options)
+    attention = model.config._attn_implementation
+    # Built, warmed up and started from threads that exit, as Chinwag's scheduler prepares
+    # on its own thread: a live thread's OpenMP team would slow the manager's thread.
+    manager = isolated(lambda: model.init_continuous_batching(
+        generation_config=config, continuous_batching_config=cb))
+    timings: dict[str, Timing] = {}
+    failed: list[str] = []
+    try:
+        if graphs:
+            isolated(manager.warmup)  # capture the graphs now, outside the measured window
+        isolated(manager.start)
+        start = time.perf_counter()
+        timings = {f"r{i}": Timing(start + a)
+                   for i, a in enumerate(arrivals(len(prompts), spread))}
+        finished = threading.Event()
 
-    def collect() -> None:
-        left = len(timings)
-        while left:
-            result = manager.get_result(timeout=0.05)
-            if result is None:
-                continue
-            timing = timings[result.request_id]
-            if not timing.first and result.generated_tokens:
-                timing.first = time.perf_counter()
-            if result.is_finished():
-                timing.done, timing.tokens = time.perf_counter(), len(result.generated_tokens)
-                left -= 1
-        finished.set()
+        def collect() -> None:
+            left = len(timings)
+            while left:
+                result = manager.get_result(timeout=0.05)
+                if result is None:
+                    if not manager.is_running():  # its thread died: say so, do not hang
+                        failed.append("transformers' generation thread stopped")
+                        break
+                    continue
+                timing = timings[result.request_id]
+                if not timing.first and result.generated_tokens:
+                    timing.first = time.perf_counter()
+                if result.is_finished():
+                    if result.error:
+                        failed.append(f"request {result.request_id}: {result.error}")
+                    timing.done = time.perf_counter()
+                    timing.tokens = len(result.generated_tokens)
+                    left -= 1
+            finished.set()
 
-    collector = threading.Thread(target=collect, daemon=True)
-    collector.start()
-    for (request_id, timing), ids in zip(timings.items(), prompts, strict=True):
-        time.sleep(max(0.0, timing.arrived - time.perf_counter()))
-        manager.add_request(ids, request_id=request_id, max_new_tokens=tokens, streaming=True,
-                            eos_token_id=-1)
-    finished.wait()
-    manager.stop(block=True)
+        collector = threading.Thread(target=collect, daemon=True)
+        collector.start()
+        for (request_id, timing), ids in zip(timings.items(), prompts, strict=True):
+            time.sleep(max(0.0, timing.arrived - time.perf_counter()))
+            manager.add_request(ids, request_id=request_id, max_new_tokens=tokens,
+                                streaming=True, eos_token_id=-1)
+        finished.wait()
+    finally:
+        if manager.is_running():
+            manager.stop(block=True)
+        restore_attention(model, attention)  # stop() does, but not for a manager never run
+    if failed:
+        raise RuntimeError(failed[0])
     return list(timings.values())
+
+
+def run_transformers_cb_graphs(model: Any, prompts: list[list[int]], tokens: int,
+                               spread: float) -> list[Timing]:
+    """The same with ``use_cuda_graph=True`` (graphs captured before the clock starts)."""
+    return run_transformers_cb(model, prompts, tokens, spread, graphs=True)
 
 
 def run_chinwag(model: Any, prompts: list[list[int]], tokens: int,
                 spread: float, workers: int = 1) -> list[Timing]:
     from bot.generators import GenerationParams
-    from bot.generators.scheduler import BatchScheduler, Request
-    from bot.generators.workers import WorkerPool
+    from bot.generators.engine import make_scheduler
+    from bot.generators.scheduler import Request
 
-    scheduler: BatchScheduler | WorkerPool
+    scheduler: Any
     if workers > 1:
         scheduler = _POOLS[workers]
     else:
-        scheduler = BatchScheduler(model, eos_ids=[], max_sequences=256, max_queued=0)
+        attention = model.config._attn_implementation
+        scheduler = make_scheduler(model, eos_ids=[], max_sequences=256, max_queued=0)
         scheduler.start()
+    _ENGINE["last"] = scheduler  # for its step figures in the table
     params = GenerationParams(max_new_tokens=tokens, temperature=0.0)
     start = time.perf_counter()
     timings = [Timing(start + a) for a in arrivals(len(prompts), spread)]
     done = threading.Semaphore(0)
+    errors: list[BaseException] = []
 
     def emitter(timing: Timing) -> Callable[[Any], None]:
         def emit(item: Any) -> None:
             if item is None or isinstance(item, BaseException):
+                if item is not None:
+                    errors.append(item)
                 timing.done = time.perf_counter()
                 done.release()
                 return
@@ -197,10 +299,85 @@ def run_chinwag(model: Any, prompts: list[list[int]], tokens: int,
         done.acquire()
     if workers == 1:
         scheduler.stop()
+        restore_attention(model, attention)
+    if errors:  # a rate over failed replies would be no measurement
+        raise RuntimeError(f"{len(errors)} of Chinwag's requests failed: {errors[0]}")
     return timings
 
 
+def restore_attention(model: Any, attention: str) -> None:
+    """Give the model back the attention it had: Chinwag's engine may install its own,
+    which transformers' continuous batching refuses, and every strategy here shares the
+    one model."""
+    if model.config._attn_implementation == attention:
+        return
+    try:
+        model.set_attn_implementation(attention)
+    except (ValueError, AttributeError):  # releases that vet the name against their own
+        model.config._attn_implementation = attention
+
+
 _POOLS: dict[int, Any] = {}
+_ENGINE: dict[str, Any] = {}
+"""The scheduler of the latest Chinwag run."""
+
+
+def step_figures(engine: Any) -> str:
+    """Steady-state figures of a Chinwag run: wall time per decoding step and how many
+    steps replayed a CUDA graph (empty where the engine does not count them)."""
+    steps = getattr(engine, "steps", None)
+    if steps is None:
+        return ""
+    seconds = getattr(engine, "decode_seconds", 0.0)
+    replays = getattr(engine, "graph_replays", 0)
+    step_ms = seconds / steps * 1000 if steps else float("nan")
+    share = f"{100 * replays / steps:.0f}%" if steps else "n/a"
+    return f"  step_ms={step_ms:.2f} graphs={replays}/{steps} ({share})"
+
+
+def greedy_agreement(model: Any, prompts: list[list[int]], tokens: int = 32) -> int:
+    """How many prompts get the same first ``tokens`` greedy tokens (EOS ignored) from
+    Chinwag's scheduler when each runs alone as when all are submitted at once."""
+    from bot.generators import GenerationParams
+    from bot.generators.engine import make_scheduler
+    from bot.generators.scheduler import Request
+
+    params = GenerationParams(max_new_tokens=tokens, temperature=0.0)
+    attention = model.config._attn_implementation
+    scheduler = make_scheduler(model, eos_ids=[], max_sequences=256, max_queued=0)
+
+    def generate(batch: list[list[int]]) -> list[list[int]]:
+        outputs: list[list[int]] = [[] for _ in batch]
+        ends: list[threading.Event] = [threading.Event() for _ in batch]
+        errors: list[BaseException] = []
+
+        def emitter(out: list[int], end: threading.Event) -> Callable[[Any], None]:
+            def emit(item: Any) -> None:
+                if isinstance(item, int):
+                    out.append(item)
+                    return
+                if item is not None:
+                    errors.append(item)
+                end.set()
+            return emit
+
+        for ids, out, end in zip(batch, outputs, ends, strict=True):
+            scheduler.submit(Request(ids, params, emitter(out, end), ignore_eos=True))
+        for end in ends:
+            if not end.wait(timeout=600):
+                raise RuntimeError("a request of the agreement check never ended")
+        if errors:
+            raise RuntimeError(f"the agreement check failed: {errors[0]}")
+        return outputs
+
+    scheduler.start()
+    try:
+        alone = [generate([ids])[0] for ids in prompts]
+        batched = generate(prompts)
+    finally:
+        scheduler.stop()
+        restore_attention(model, attention)
+    return sum(a == b for a, b in zip(alone, batched, strict=True))
 
 
 def run_chinwag_processes(model: Any, prompts: list[list[int]], tokens: int,
@@ -210,18 +387,44 @@ def run_chinwag_processes(model: Any, prompts: list[list[int]], tokens: int,
         from bot.generators.workers import WorkerPool
 
         _POOLS[2] = WorkerPool(_MODEL[0], Path("~/.cache/chinwag").expanduser(), 2,
+                               dtype=str(model.dtype).removeprefix("torch."),
                                max_sequences=256, max_queued=0)
         _POOLS[2].start()
     return run_chinwag(model, prompts, tokens, spread, workers=2)
 
 
 _MODEL = ["builtin"]
+WIDTH = 22
+"""Of the table's strategy column."""
 
 
 STRATEGIES = {"seq": ("sequential", run_sequential),
+              "static": ("static_batch", run_static),
               "cb": ("transformers_cb", run_transformers_cb),
+              "cbgraph": ("transformers_cbgraph", run_transformers_cb_graphs),
               "chinwag": ("chinwag", run_chinwag),
               "chinwag2p": ("chinwag_2procs", run_chinwag_processes)}
+
+
+def isolated(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` on a thread of its own that exits when done, as Chinwag loads its
+    model: a thread that ran torch and lives on keeps an OpenMP team that slows every other
+    thread's matmuls (bot/generators/torch_threads.py), whichever strategy runs next."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, function(*args)))
+        except BaseException as exc:  # re-raised on the calling thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def main() -> None:
@@ -230,29 +433,38 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto",
+                        choices=("auto", "float32", "bfloat16", "float16"),
+                        help="as CHINWAG_DTYPE (auto: what Chinwag picks on this machine)")
     parser.add_argument("--spread", type=float, default=1.0, help="arrival window, seconds")
-    parser.add_argument("--strategies", default="seq,cb,chinwag")
+    parser.add_argument("--strategies", default="seq,cb,static,chinwag")
     parser.add_argument("--seq-max", type=int, default=0,
                         help="run sequential only up to this N (it is slow); 0: always")
     parser.add_argument("--random-small", action="store_true",
                         help="random weights of the SmolLM2-135M shape")
     parser.add_argument("--random-large", action="store_true",
                         help="random weights of a ~1.7B Llama shape")
+    parser.add_argument("--agreement", type=int, default=0, metavar="K",
+                        help="check K prompts' first 32 greedy tokens batched vs alone")
     args = parser.parse_args()
     import torch
 
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    tokenizer, model = load(args)
+    tokenizer, model = isolated(load, args)
     _MODEL[0] = args.model
     sizes = [int(n) for n in args.n.split(",")]
     # Warm up every strategy once, so no first-call costs land in a measurement.
     for key in args.strategies.split(","):
         try:
-            STRATEGIES[key][1](model, prompt_ids(tokenizer, 2), 4, 0.0)
-        except ImportError:
+            isolated(STRATEGIES[key][1], model, prompt_ids(tokenizer, 2), 4, 0.0)
+        except (ImportError, Unavailable):
             pass  # reported in the table
-    print(f"{'strategy':<16}{'N':>4}{'tok/s':>9}{'x_seq':>7}{'ttft_p50':>10}{'ttft_p95':>10}"
+        except Exception:
+            if not key.startswith("cb"):
+                raise
+            # transformers' own failure: its rows in the table say what it was.
+    print(f"{'strategy':<{WIDTH}}{'N':>4}{'tok/s':>9}{'x_seq':>7}{'ttft_p50':>10}{'ttft_p95':>10}"
           f"{'lat_p50':>9}{'lat_p95':>9}")
     summary: dict[str, dict[str, float]] = {}
     for n in sizes:
@@ -262,13 +474,20 @@ def main() -> None:
             name, run = STRATEGIES[key]
             if key == "seq" and args.seq_max and n > args.seq_max:
                 # Sequential cost is linear in N: extrapolate from the largest measured N.
-                print(f"{name:<16}{n:>4}   (not run above N={args.seq_max}; its rate does "
+                print(f"{name:<{WIDTH}}{n:>4}   (not run above N={args.seq_max}; its rate does "
                       "not grow with N)")
                 continue
             try:
-                timings = run(model, prompts, args.tokens, args.spread if n > 1 else 0.0)
-            except ImportError as exc:  # an older transformers without this feature
-                print(f"{name:<16}{n:>4}   (not available: {exc})")
+                timings = isolated(run, model, prompts, args.tokens,
+                                   args.spread if n > 1 else 0.0)
+            except (ImportError, Unavailable) as exc:  # not in this transformers, not a GPU
+                print(f"{name:<{WIDTH}}{n:>4}   (not available: {exc})")
+                continue
+            except Exception as exc:
+                if not key.startswith("cb"):
+                    raise
+                # transformers' own manager failing is a finding, not a reason to lose the run.
+                print(f"{name:<{WIDTH}}{n:>4}   (failed: {type(exc).__name__}: {exc})")
                 continue
             wall = max(t.done for t in timings) - min(t.arrived for t in timings)
             rate = sum(t.tokens for t in timings) / wall
@@ -279,22 +498,29 @@ def main() -> None:
             ratio = rate / base if base else float("nan")
             ttft = [t.first - t.arrived for t in timings]
             latency = [t.done - t.arrived for t in timings]
-            print(f"{name:<16}{n:>4}{rate:>9.1f}{ratio:>7.2f}{percentile(ttft, .5):>10.3f}"
+            extra = step_figures(_ENGINE.pop("last", None)) if key.startswith("chinwag") else ""
+            print(f"{name:<{WIDTH}}{n:>4}{rate:>9.1f}{ratio:>7.2f}{percentile(ttft, .5):>10.3f}"
                   f"{percentile(ttft, .95):>10.3f}{percentile(latency, .5):>9.3f}"
-                  f"{percentile(latency, .95):>9.3f}", flush=True)
+                  f"{percentile(latency, .95):>9.3f}{extra}", flush=True)
             summary.setdefault(str(n), {})[key] = rate
             summary[str(n)][f"{key}_ttft_p95"] = percentile(ttft, .95)
-    n = "16" if "16" in summary else str(sizes[-1])
-    figures = summary[n]
+    if args.agreement:
+        same = isolated(greedy_agreement, model, prompt_ids(tokenizer, args.agreement))
+        print(f"agreement={same}/{args.agreement} first 32 greedy tokens batched vs alone",
+              flush=True)
+    label = "16" if "16" in summary else str(sizes[-1])
+    figures = summary[label]
     seq = figures.get("seq", float("nan"))
     cb = figures.get("cb", float("nan"))
+    static = figures.get("static", float("nan"))
     # Chinwag's figure is its better configuration for this machine (threads or processes).
     best = max((k for k in ("chinwag", "chinwag2p") if k in figures),
                key=lambda k: figures[k], default="chinwag")
     ours = figures.get(best, float("nan"))
-    print(f"N={n} chinwag={ours:.1f} x_sequential={ours / seq:.2f} "
+    print(f"N={label} chinwag={ours:.1f} x_sequential={ours / seq:.2f} "
           f"x_transformers_cb={ours / cb:.2f} ttft_p95={figures.get(f'{best}_ttft_p95', 0):.3f} "
-          f"cb_ttft_p95={figures.get('cb_ttft_p95', 0):.3f} config={best}")
+          f"cb_ttft_p95={figures.get('cb_ttft_p95', 0):.3f} x_static={ours / static:.2f} "
+          f"config={best}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def make_generator(settings: Settings) -> Generator:
     from bot.generators.huggingface import TransformersGenerator
 
     return TransformersGenerator(settings.model, settings.model_cache_dir, settings.device,
-                                 max_sequences=settings.max_sequences,
+                                 dtype=settings.dtype, max_sequences=settings.max_sequences,
                                  max_queued=settings.max_queued,
                                  prefill_chunk=settings.max_batch_tokens,
                                  workers=settings.workers)

@@ -91,13 +91,16 @@ class Settings(BaseSettings):
     """``CHINWAG_GENERATOR=seq2seq``: 1 decodes greedily and streams; more is beam search
     of that width, whose reply shows only when it is finished."""
     device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The in-process model's weights: ``auto`` is bf16 on CUDA and on a CPU that multiplies
+    bf16 natively (AVX512-BF16, AMX: about 3x faster there), else fp32."""
     max_sequences: int = Field(32, ge=1, le=4096)
     """Conversations generating at once in the in-process model's batch."""
     max_queued: int = Field(256, ge=0)
     """Requests waiting beyond those; more get a "busy, try again shortly" answer at once."""
-    workers: int = Field(1, ge=1, le=64)
-    """On a CPU: scheduler processes with one torch thread each (2 on a 2-core box is
-    faster than one process with 2 threads); ignored on a GPU."""
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
+    """On a CPU: scheduler processes (more than one: one torch thread each). ``auto``
+    measures at start-up which count is fastest on this machine; ignored on a GPU."""
     max_batch_tokens: int = Field(512, ge=16)
     """Prompt tokens prefilled per scheduling step (a long prompt is fed in such chunks)."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT

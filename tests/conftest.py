@@ -4,6 +4,12 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+# One torch thread per process in tests (read before torch loads, by every model process
+# a test starts too): tests run models in this process and in child processes at once, and
+# on a small box two spinning OpenMP teams fight for the cores (a test file took 431 s
+# instead of 34 s with two threads each). Speed is measured in bench/, not here.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 

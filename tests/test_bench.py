@@ -21,8 +21,19 @@ def test_gpu_bench_runs_on_the_cpu_when_asked() -> None:
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert any(line.startswith("chinwag ") for line in lines)
+    chinwag = [line for line in lines if line.startswith("chinwag ")]
+    assert len(chinwag) == 2 and all(" step_ms=" in line and " graphs=" in line
+                                     for line in chinwag)
+    static = [line.split() for line in lines if line.startswith("static_batch ")]
+    assert [row[1] for row in static] == ["1", "4"] and all(len(row) == 8 for row in static)
+    graphs = [line for line in lines if line.startswith("transformers_cbgraph ")]
+    assert len(graphs) == 2 and all("(not available: " in line for line in graphs)
+    # On the CPU in fp32, batching must not change a single greedy token.
+    assert "agreement=2/2 first 32 greedy tokens batched vs alone" in lines
     assert lines[-1].startswith("N=4 chinwag=") and " x_transformers_cb=" in lines[-1]
+    assert " x_sequential=" in lines[-1] and " ttft_p95=" in lines[-1]
+    assert " cb_ttft_p95=" in lines[-1] and " x_static=" in lines[-1]
+    assert " x_static=nan" not in lines[-1]
 
 
 def test_load_bench_loses_nothing_in_a_small_run() -> None:

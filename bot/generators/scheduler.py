@@ -15,6 +15,7 @@ continuous-batching manager is the benchmark's reference point (``bench/generati
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import queue
@@ -28,6 +29,7 @@ from bot.errors import Busy, GenerationError
 from bot.generators.base import GenerationParams
 from bot.generators.padding import pad_left, pad_mask_left
 from bot.generators.stats import SchedulerStats, StepMeter
+from bot.generators.torch_threads import intra_op_threads
 from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
@@ -38,8 +40,8 @@ Generous: one prefill chunk of a larger model on a CPU takes seconds, and a heal
 that fails a sound server gets it restarted for nothing."""
 
 Emit = Callable[[int | BaseException | None], None]
-"""Called from the scheduler thread with each new token id, then ``None`` at the end (or
-the exception that ended the request)."""
+"""Called with each new token id, then ``None`` at the end (or the exception that ended
+the request)."""
 
 
 def eos_ids(model: Any) -> list[int]:
@@ -53,7 +55,12 @@ class Request:
     prompt: Sequence[int]
     params: GenerationParams
     emit: Emit
+    """Called from the scheduler's thread (or the worker pool's)."""
     ignore_eos: bool = False
+    loop: asyncio.AbstractEventLoop | None = None
+    sink: Emit | None = None
+    """When given with ``loop``: called on that loop instead of ``emit``, with one step's
+    items for all of the loop's requests handed over in one ``call_soon_threadsafe``."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     prefilled: int = 0
@@ -62,13 +69,17 @@ class Request:
     cache: Any = None
     seen: Any = None
     """Token ids seen so far (for the repetition penalty)."""
+    row: int = -1
+    """Its row in the slot engine's cache (``slot_scheduler.py``), once it has one."""
 
 
 class BatchScheduler:
     def __init__(self, model: Any, *, eos_ids: Sequence[int], max_sequences: int = 32,
                  max_queued: int = 256, prefill_chunk: int = 512,
-                 stall_after: float = STALL_AFTER_S) -> None:
+                 stall_after: float = STALL_AFTER_S, threads: int | None = None) -> None:
         self._model = model
+        self._threads = threads or intra_op_threads()
+        """torch's CPU threads for the scheduler's thread (``torch_threads.py``)."""
         self._eos = set(eos_ids)
         self._max_sequences = max_sequences
         self._max_queued = max_queued
@@ -91,12 +102,19 @@ class BatchScheduler:
         self._stepped = time.monotonic()
         """When the thread last finished a step, or idle work last arrived."""
         self._died: str | None = None
+        self._prepared = threading.Event()
         self._thread: threading.Thread | None = None
         self._running = 0
         """Rows in the batch after the last step (under ``_count_lock``)."""
         self._generated = 0
         self._meter = StepMeter()
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Emit, Any]]] = {}
         self.steps = 0
+        """Decoding steps run."""
+        self.graph_replays = 0
+        """Of those, the ones that replayed a captured CUDA graph."""
+        self.decode_seconds = 0.0
+        """Wall time spent in decoding steps, host sync included."""
         self.max_batch = 0
         # transformers 5.2x renamed `past_key_values` to `cache`; accept either release.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
@@ -105,10 +123,20 @@ class BatchScheduler:
     # The event loop's side.
 
     def start(self) -> None:
+        """Start the thread and wait until it has prepared (``_prepare``): allocated what it
+        needs, on its own thread (see ``torch_threads.py``)."""
         self._open = True
+        self._prepared = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chinwag-scheduler",
                                         daemon=True)
         self._thread.start()
+        self._prepared.wait()
+        if self._died is not None:
+            self.stop()
+            raise GenerationError(f"the model's scheduler could not start: {self._died}")
+
+    def _prepare(self) -> None:
+        """Run first on the scheduler's thread, before any request."""
 
     def stop(self) -> None:
         with self._count_lock:
@@ -163,6 +191,7 @@ class BatchScheduler:
     def _run(self) -> None:
         try:
             self._loop()
+            self._flush()
         except Exception as exc:  # a bug or a broken emit: say so instead of hanging
             logger.exception("the scheduler thread died")
             self._died = f"{type(exc).__name__}: {exc}"
@@ -181,11 +210,17 @@ class BatchScheduler:
                     self._finish(request, GenerationError(N_("the model's scheduler stopped")))
                 except Exception:
                     logger.exception("cannot tell a request that the scheduler stopped")
+            self._flush()
+        finally:
+            self._prepared.set()  # a thread that died preparing must not hang start()
 
     def _loop(self) -> None:
         import torch
 
+        torch.set_num_threads(self._threads)  # this thread's own: see torch_threads.py
         with torch.inference_mode():
+            self._prepare()
+            self._prepared.set()
             while True:
                 if not self._rows and not self._waiting:
                     item = self._incoming.get()
@@ -209,6 +244,7 @@ class BatchScheduler:
                     message = N_("the model ran out of memory") if "out of memory" in \
                         str(exc).lower() else f"generation failed: {exc}"
                     self._fail_all(GenerationError(message))
+                self._flush()
                 now = time.monotonic()
                 self._meter.record(now - started, self._generated - generated)
                 with self._count_lock:
@@ -220,7 +256,23 @@ class BatchScheduler:
         request.done = True
         with self._count_lock:
             self._count -= 1
-        request.emit(outcome)
+        self._emit(request, outcome)
+
+    def _emit(self, request: Request, item: int | BaseException | None) -> None:
+        if request.loop is None or request.sink is None:
+            request.emit(item)
+        else:
+            self._outbox.setdefault(request.loop, []).append((request.sink, item))
+
+    def _flush(self) -> None:
+        """Hand each loop what its requests got since the last flush, in one call."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # its loop is closed: nobody is listening any more
+                logger.warning("an event loop closed with %d replies streaming", len(
+                    {id(sink) for sink, _item in items}))
 
     def _held(self) -> list[Request]:
         """Every request taken in and not finished: running, waiting, or being admitted."""
@@ -253,7 +305,9 @@ class BatchScheduler:
                     budget -= len(request.prompt)
                 self._prefill_group(group)
         if self._rows:
+            started = time.perf_counter()
             self._decode()
+            self.decode_seconds += time.perf_counter() - started
 
     def _dropped(self, request: Request) -> bool:
         if request.cancelled.is_set():
@@ -315,11 +369,11 @@ class BatchScheduler:
 
         request.generated.append(token)
         self._generated += 1
-        if token not in request.seen:
+        if request.seen is not None and token not in request.seen:
             request.seen = torch.cat([request.seen, request.seen.new_tensor([token])])
         ended = (token in self._eos and not request.ignore_eos)
         if not ended:
-            request.emit(token)
+            self._emit(request, token)
         if ended or len(request.generated) >= request.params.max_new_tokens \
                 or request.cancelled.is_set():
             self._finish(request)
@@ -425,3 +479,8 @@ class BatchScheduler:
             choice = torch.multinomial(ordered, 1)
             tokens[index] = order.gather(-1, choice).squeeze(-1)
         return tokens
+
+
+def _deliver(items: list[tuple[Emit, Any]]) -> None:
+    for sink, item in items:
+        sink(item)

@@ -68,14 +68,16 @@ class Heartbeat:
 
 
 def run(model: str, cache_dir: str, limits: dict[str, int], jobs: Any,
-        results: Connection, heartbeat: float = HEARTBEAT_S) -> None:
+        results: Connection, heartbeat: float = HEARTBEAT_S, dtype: str = "float32",
+        threads: int = 1) -> None:
     """The worker process: load the model, then run requests until told to stop (``None``
     on the queue). A job is a ``Job`` or, to cancel one, its request id."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     from bot.generators import model_files
-    from bot.generators.scheduler import BatchScheduler, eos_ids
+    from bot.generators.engine import make_scheduler
+    from bot.generators.scheduler import eos_ids
 
     parent = os.getppid()
     sending = threading.Lock()  # the scheduler thread and this one both send
@@ -85,11 +87,11 @@ def run(model: str, cache_dir: str, limits: dict[str, int], jobs: Any,
             results.send(message)
 
     try:
-        _, loaded = model_files.load(model, Path(cache_dir), "cpu", torch.float32)
+        _, loaded = model_files.load(model, Path(cache_dir), "cpu", getattr(torch, dtype))
     except Exception as exc:  # reported to the parent, which decides whether to retry
         send((NEWS, LoadFailed(str(exc))))
         return
-    scheduler = BatchScheduler(loaded, eos_ids=eos_ids(loaded), **limits)
+    scheduler = make_scheduler(loaded, eos_ids=eos_ids(loaded), threads=threads, **limits)
     scheduler.start()
     requests: dict[int, Request] = {}
     send((NEWS, READY))

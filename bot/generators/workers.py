@@ -102,7 +102,8 @@ class _Worker:
 class WorkerPool:
     """The same ``submit`` as ``BatchScheduler``, spread over worker processes."""
 
-    def __init__(self, model: str, cache_dir: Path, workers: int, *, max_sequences: int = 32,
+    def __init__(self, model: str, cache_dir: Path, workers: int, *, dtype: str = "float32",
+                 threads: int = 1, max_sequences: int = 32,
                  max_queued: int = 256, prefill_chunk: int = 512,
                  ready_timeout: float = READY_TIMEOUT_S,
                  heartbeat: float = worker_process.HEARTBEAT_S,
@@ -110,6 +111,8 @@ class WorkerPool:
                  kill_after: float = KILL_STALLED_AFTER_S) -> None:
         self._model = model
         self._cache_dir = cache_dir
+        self._dtype = dtype
+        self._threads = threads
         self._count = workers
         self._ready_timeout = ready_timeout
         self._heartbeat = heartbeat
@@ -136,7 +139,8 @@ class WorkerPool:
         receiver, sender = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=worker_process.run, name=f"chinwag-worker-{index}", daemon=True,
-            args=(self._model, str(self._cache_dir), limits, jobs, sender, self._heartbeat))
+            args=(self._model, str(self._cache_dir), limits, jobs, sender, self._heartbeat,
+                  self._dtype, self._threads))
         try:
             process.start()
         finally:

@@ -27,10 +27,7 @@ async def open_memory(settings: Settings, store: MemoryStore) -> AsyncIterator[M
     if not settings.memory:
         yield None
         return
-    # Worker processes or not, an encoder–decoder or seq2seq model runs torch here.
-    in_process_model = any(entry.in_process for entry in settings.model_catalog())
-    encoder = await asyncio.to_thread(load_encoder, settings.memory_model,
-                                      own_threads=not in_process_model)
+    encoder = await asyncio.to_thread(load_encoder, settings.memory_model)
     async with Memory(store, encoder, recall=settings.memory_recall,
                       tokens=settings.memory_tokens) as memory:
         yield memory

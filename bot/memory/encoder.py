@@ -78,6 +78,7 @@ class TransformersEncoder:
         import torch
 
         try:
+            torch.set_num_threads(ENCODER_THREADS)  # this thread's: see load_encoder
             with self._lock, torch.inference_mode():
                 batch = self._tokenizer(list(texts), padding=True, truncation=True,
                                         max_length=self._max_tokens, return_tensors="pt")
@@ -102,11 +103,10 @@ def builtin_folder() -> Path:
     return folder
 
 
-def load_encoder(model: str, *, own_threads: bool = True) -> TransformersEncoder:
+def load_encoder(model: str) -> TransformersEncoder:
     """The encoder ``CHINWAG_MEMORY_MODEL`` names: ``builtin``, a local folder, or a hub id
     (found only where a hub is reachable or the model is in its cache). Blocking: call it
-    off the event loop. ``own_threads``: no chat model runs torch in this process, so
-    torch's thread count is the encoder's to set."""
+    off the event loop."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -117,12 +117,11 @@ def load_encoder(model: str, *, own_threads: bool = True) -> TransformersEncoder
         location, name = (str(path), model) if path.exists() else (model, model)
     import torch
 
-    if own_threads:
-        # The chat model runs elsewhere (worker processes, a server): one thread keeps the
-        # encoder from spinning against it for the cores (on a busy 2-core box: 16 ms a
-        # query instead of 170 ms with two threads). The setting is process-wide, so an
-        # in-process chat model keeps torch's own choice.
-        torch.set_num_threads(ENCODER_THREADS)
+    # One thread, set on each thread that runs the encoder (the count is the calling
+    # thread's own): a second OpenMP team would slow the chat model's every step (see
+    # bot/generators/torch_threads.py), and on a busy 2-core box one thread is faster
+    # anyway (16 ms a query instead of 170 ms with two).
+    torch.set_num_threads(ENCODER_THREADS)
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)

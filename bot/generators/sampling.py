@@ -1,0 +1,91 @@
+"""Choosing each row's next token on the device, the whole batch at once.
+
+Per-row temperature, top-p and repetition penalty live in tensors indexed by slot, with a
+``[slots, vocab]`` mask of the tokens each row has seen, so one step's sampling is a fixed
+handful of kernels whatever the batch holds, with no host round trip: a CUDA graph can
+capture it. Sampling uses the exponential race (the argmax of ``p / E`` with ``E ~ Exp(1)``
+picks a token with probability ``p``), which unlike ``multinomial`` needs no sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from bot.generators.base import GenerationParams
+
+
+class Sampler:
+    def __init__(self, slots: int, vocab: int, device: Any) -> None:
+        import torch
+
+        self.device = device
+        self.temperature = torch.zeros(slots, device=device)
+        self.top_p = torch.ones(slots, device=device)
+        self.penalty = torch.ones(slots, device=device)
+        self.seen = torch.zeros((slots, vocab), dtype=torch.bool, device=device)
+
+    def grow(self, slots: int, used: int) -> None:
+        import torch
+
+        if slots <= self.temperature.shape[0]:
+            return
+        for name in ("temperature", "top_p", "penalty", "seen"):
+            old = getattr(self, name)
+            new = torch.zeros((slots, *old.shape[1:]), dtype=old.dtype, device=self.device)
+            new[:used] = old[:used]
+            setattr(self, name, new)
+
+    def set_rows(self, start: int, params: Sequence[GenerationParams],
+                 prompts: Sequence[Sequence[int]]) -> None:
+        """Rows ``start…`` begin requests with these parameters and prompts."""
+        import torch
+
+        end = start + len(params)
+        values = torch.tensor([[p.temperature, p.top_p, p.repetition_penalty] for p in params],
+                              dtype=self.temperature.dtype).to(self.device)
+        self.temperature[start:end] = values[:, 0]
+        self.top_p[start:end] = values[:, 1]
+        self.penalty[start:end] = values[:, 2]
+        self.seen[start:end] = False
+        rows = [row for row, prompt in enumerate(prompts, start) for _ in prompt]
+        tokens = [token for prompt in prompts for token in prompt]
+        if tokens:
+            index = torch.tensor([rows, tokens]).to(self.device)
+            self.seen[index[0], index[1]] = True
+
+    def move(self, source: int, target: int) -> None:
+        for tensor in (self.temperature, self.top_p, self.penalty, self.seen):
+            tensor[target] = tensor[source]
+
+    def sample(self, logits: Any, start: int, *, sampling: bool, penalties: bool,
+               active: Any = None) -> Any:
+        """The next token of rows ``start…start+len(logits)-1``, marked seen (only where
+        ``active``, when given: a graph's idle rows must not touch a neighbour's row).
+        ``sampling``/``penalties``: whether any row has a temperature / a penalty, known on
+        the host; a row without either is greedy either way."""
+        import torch
+
+        rows = logits.shape[0]
+        end = start + rows
+        logits = logits.float()
+        if penalties:
+            penalty = self.penalty[start:end, None]
+            penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+            logits = torch.where(self.seen[start:end], penalised, logits)
+        tokens = logits.argmax(dim=-1)
+        if sampling:
+            temperature = self.temperature[start:end, None]
+            probs = torch.softmax(logits / temperature.clamp(min=1e-5), dim=-1)
+            ordered, order = probs.sort(dim=-1, descending=True)
+            outside = ordered.cumsum(dim=-1) - ordered > self.top_p[start:end, None]
+            ordered = ordered.masked_fill(outside, 0.0)
+            race = ordered / torch.empty_like(ordered).exponential_()
+            drawn = order.gather(-1, race.argmax(dim=-1, keepdim=True)).squeeze(-1)
+            tokens = torch.where(temperature.squeeze(-1) > 0, drawn, tokens)
+        index = torch.arange(start, end, device=logits.device)
+        if active is None:
+            self.seen[index, tokens] = True
+        else:
+            self.seen[index, tokens] |= active
+        return tokens

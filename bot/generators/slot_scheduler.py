@@ -1,0 +1,376 @@
+"""Continuous batching over a slot KV cache (``slot_cache.py``): the engine for decoder-only
+models whose attention goes through transformers' ``AttentionInterface``.
+
+The thread, the queue, admission order and chunked prefill are ``BatchScheduler``'s; what
+differs is where the cache lives and how a step runs:
+
+- Prompts are prefilled straight into the rows after the batch's (``B…``), packed without
+  padding into one sequence: the prompts that arrived together whole, a long one a chunk per
+  step. A newcomer joins as the next row, and a departure moves the last row into its hole,
+  so the batch is always the rows ``0…B-1``.
+- On the CPU a step is one packed forward: the batch's next tokens and this step's prompt
+  tokens together. A CPU forward is bound by reading the weights, so a prompt that rides
+  along with the batch's tokens costs little more than the step would have anyway.
+- On CUDA prompts get a forward of their own, and the decoding step is replayed from a graph
+  captured at start-up for each batch-size bucket and attention width
+  (``cuda_graphs.py``); the cache is then allocated once, sized from free memory. On the
+  CPU the cache grows with the conversations it holds.
+- A step reads its inputs from device tensors (each row's next token and length) that it
+  advances itself, samples on the device (``sampling.py``) and brings the sampled tokens to
+  the host once: one host sync per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bot.errors import GenerationError
+from bot.generators.sampling import Sampler
+from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request
+from bot.generators.slot_cache import (
+    LENGTH_STEP,
+    Segment,
+    SlotCache,
+    SlotView,
+    install,
+    uninstall,
+)
+from bot.i18n import N_
+
+logger = logging.getLogger(__name__)
+
+CPU_START_ROWS = 4
+MEMORY_SHARE = 0.5
+"""Of the device's free memory at start-up, the share the KV cache may take."""
+
+
+def _window(config: Any) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+class SlotScheduler(BatchScheduler):
+    def __init__(self, model: Any, *, eos_ids: Sequence[int], max_sequences: int = 32,
+                 max_queued: int = 256, prefill_chunk: int = 512,
+                 stall_after: float = STALL_AFTER_S, threads: int | None = None,
+                 cache_length: int | None = None, graphs: bool | None = None,
+                 static_shapes: bool = False) -> None:
+        super().__init__(model, eos_ids=eos_ids, max_sequences=max_sequences,
+                         max_queued=max_queued, prefill_chunk=prefill_chunk,
+                         stall_after=stall_after, threads=threads)
+        self._attention = install(model)
+        self._cuda = model.device.type == "cuda"
+        self._static_shapes = static_shapes or self._cuda
+        """Decode over batch and width buckets with the step's own state updates: what a
+        CUDA graph captures. On the CPU only tests ask for it (``static_shapes``)."""
+        self._limit = _window(model.config)
+        """A row ends when its next token would not fit: at the model's window, or (on CUDA)
+        the cache's length."""
+        self._cache_setting = cache_length
+        self._use_graphs = self._cuda and graphs is not False
+        self._host_lengths: list[int] = []
+        # Allocated by _prepare, on the scheduler's thread.
+        self._slots: SlotCache = None  # type: ignore[assignment]
+        self._sampler: Sampler = None  # type: ignore[assignment]
+        self._next: Any = None
+        """Each row's next input token (the one it sampled last)."""
+        self._lengths: Any = None
+        """Each row's tokens in the cache: where its next token writes."""
+        self._active: Any = None
+        self._widths: Any = None
+        self._graphs: Any = None
+
+    def _prepare(self) -> None:
+        """Allocate the cache and the step's state, and capture the graphs, on the
+        scheduler's thread: a CPU thread that ran torch and lives on slows every step (see
+        ``torch_threads.py``), and the graphs are replayed from this thread."""
+        import torch
+
+        model, config, device = self._model, self._model.config, self._model.device
+        if self._cuda:
+            slots = self._max_sequences
+            length = self._cache_setting or self._cache_length(config, slots, device,
+                                                               model.dtype)
+            self._limit = min(self._limit, length)
+        else:
+            slots = self._max_sequences if self._static_shapes else \
+                min(CPU_START_ROWS, self._max_sequences)
+            length = self._cache_setting or min(self._limit, LENGTH_STEP)
+        self._slots = SlotCache(config, slots=slots, length=length, device=device,
+                                dtype=model.dtype, growable=not self._cuda)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self._sampler = Sampler(slots, vocab, device)
+        self._next = torch.zeros(slots, dtype=torch.long, device=device)
+        self._lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self._active = torch.zeros(slots, dtype=torch.bool, device=device)
+        self._widths = torch.arange(length + 1, device=device)
+        if self._use_graphs:
+            from bot.generators.cuda_graphs import DecodeGraphs
+
+            self._graphs = DecodeGraphs(self._static_step, self._max_sequences, length, device)
+            self._graphs.capture()
+
+    @staticmethod
+    def _cache_length(config: Any, slots: int, device: Any, dtype: Any) -> int:
+        import torch
+
+        probe = SlotCache(config, slots=1, length=1, device=device, dtype=dtype,
+                          growable=False)
+        per_token = probe.bytes_per_token()
+        del probe
+        free, _total = torch.cuda.mem_get_info(device)
+        fits = int(free * MEMORY_SHARE) // (per_token * slots)
+        length = min(_window(config), fits // LENGTH_STEP * LENGTH_STEP)
+        if length < LENGTH_STEP:
+            raise RuntimeError(f"too little GPU memory for a KV cache of {slots} "
+                               f"conversations: lower CHINWAG_MAX_SEQUENCES")
+        if length < _window(config):
+            logger.info("KV cache: %s conversations of at most %s tokens (the model's "
+                        "window is %s; memory allows no more)", slots, length, _window(config))
+        return length
+
+    def stop(self) -> None:
+        super().stop()
+        uninstall(self._model, self._attention)
+
+    # Growth (CPU only: a CUDA cache is allocated once, at its full size).
+
+    def _used(self) -> int:
+        pending = [r.row + 1 for r in self._waiting if r.prefilled and r.row >= 0]
+        return max([len(self._rows), *pending])
+
+    def _ensure(self, rows: int, length: int) -> None:
+        import torch
+
+        if length > self._limit:
+            raise ValueError(f"a conversation of {length} tokens is beyond the model's "
+                             f"window of {self._limit}")
+        used = self._used()
+        if not self._slots.ensure(rows, length, used):
+            return
+        slots = self._slots.slots
+        self._sampler.grow(slots, used)
+        for name in ("_next", "_lengths", "_active"):
+            old = getattr(self, name)
+            if old.shape[0] < slots:
+                new = torch.zeros(slots, dtype=old.dtype, device=old.device)
+                new[:used] = old[:used]
+                setattr(self, name, new)
+        self._widths = torch.arange(self._slots.length + 1, device=self._slots.device)
+
+    # A step.
+
+    def _step(self) -> None:
+        self._waiting = [r for r in self._waiting
+                         if not self._dropped(r) and not self._too_long(r)]
+        plan = self._plan()
+        if self._static_shapes:
+            if plan:
+                self._packed(plan, decode=False)
+                self._flush()  # newcomers' first tokens: not after the decoding step too
+            if self._rows:
+                started = time.perf_counter()
+                self._decode()
+                self.decode_seconds += time.perf_counter() - started
+        elif plan or self._rows:
+            decoding = bool(self._rows)
+            started = time.perf_counter()
+            self._packed(plan, decode=decoding)
+            if decoding:
+                self.steps += 1
+                self.decode_seconds += time.perf_counter() - started
+
+    def _too_long(self, request: Request) -> bool:
+        if len(request.prompt) < self._limit:
+            return False
+        self._finish(request, GenerationError(N_("the conversation is too long for the "
+                                                 "model")))
+        return True
+
+    def _plan(self) -> list[tuple[Request, int, int]]:
+        """This step's prompt chunks, ``(request, start, end)``: the head's next chunk when
+        it is long, else the short prompts that fit the chunk budget and the free rows."""
+        free = self._max_sequences - len(self._rows)
+        if not self._waiting or free <= 0:
+            return []
+        head = self._waiting[0]
+        if head.prefilled or len(head.prompt) > self._prefill_chunk:
+            return [(head, head.prefilled,
+                     min(len(head.prompt), head.prefilled + self._prefill_chunk))]
+        plan: list[tuple[Request, int, int]] = []
+        budget = self._prefill_chunk
+        for request in self._waiting:
+            if len(plan) == free or request.prefilled or len(request.prompt) > budget:
+                break
+            plan.append((request, 0, len(request.prompt)))
+            budget -= len(request.prompt)
+        return plan
+
+    def _packed(self, plan: list[tuple[Request, int, int]], *, decode: bool) -> None:
+        """One forward over the batch's next tokens (when ``decode``) and the planned prompt
+        chunks, packed in one sequence; then sampling, one host sync, and the bookkeeping."""
+        import torch
+
+        batch = len(self._rows) if decode else 0
+        first = len(self._rows)
+        for index, (request, start, _end) in enumerate(plan):
+            if start and request.row != first + index:  # the batch shrank meanwhile
+                self._move(request.row, first + index, start)
+            request.row = first + index
+        longest = max([*self._host_lengths[:batch], *(end for _r, _s, end in plan)])
+        self._ensure(first + len(plan), longest + 1)
+        device = self._slots.device
+        ids: list[int] = []
+        positions: list[int] = []
+        for _request, start, end in plan:
+            ids += _request.prompt[start:end]
+            positions += range(start, end)
+        prompt = torch.tensor([ids, positions], dtype=torch.long).to(device)
+        segments, keep, offset = [], list(range(batch)), batch
+        for index, (request, start, end) in enumerate(plan):
+            write = prompt[1, offset - batch:offset - batch + end - start]
+            segments.append(Segment(offset, end - start, first + index,
+                                    self._slots.index(first + index, write[None]),
+                                    self._widths[None, None, None, :end]
+                                    <= write[None, None, :, None]))
+            offset += end - start
+            if end == len(request.prompt):
+                keep.append(offset - 1)
+        lengths = self._lengths[:batch, None]
+        mask = self._widths[None, None, None, :max([*self._host_lengths[:batch], 0]) + 1] \
+            <= lengths[:, None, :, None]
+        view = SlotView(self._slots, batch, self._slots.index(0, lengths), mask,
+                        tuple(segments), packed=True)
+        out = self._model(input_ids=torch.cat([self._next[:batch], prompt[0]])[None],
+                          position_ids=torch.cat([self._lengths[:batch], prompt[1]])[None],
+                          attention_mask=mask if batch else segments[0].mask,
+                          use_cache=False, chinwag_slots=view,
+                          logits_to_keep=torch.tensor(keep or [0], dtype=torch.long).to(device))
+        for request, _start, end in plan:
+            request.prefilled = end
+        joining = [request for request, _start, end in plan if end == len(request.prompt)]
+        self._waiting = [r for r in self._waiting if r not in joining]
+        if not keep:
+            return  # a long prompt's chunk, and no batch: nothing to sample yet
+        self._sample_and_account(out.logits[0], batch, joining)
+
+    def _sample_and_account(self, logits: Any, batch: int, joining: list[Request]) -> None:
+        """Sample the next token of the batch's rows ``0…batch-1`` and the first of the
+        ``joining`` requests (rows ``len(self._rows)…``), then emit, admit and retire."""
+        import torch
+
+        start = 0 if batch else len(self._rows)
+        first = len(self._rows)
+        self._admitting = joining
+        if joining:
+            self._sampler.set_rows(first, [r.params for r in joining],
+                                   [r.prompt for r in joining])
+        involved = [*self._rows[:batch], *joining]
+        tokens = self._sampler.sample(
+            logits, start, sampling=any(r.params.temperature > 0 for r in involved),
+            penalties=any(r.params.repetition_penalty != 1.0 for r in involved))
+        self._next[start:start + len(tokens)] = tokens
+        self._lengths[:batch] += 1
+        if joining:
+            lengths = [len(r.prompt) for r in joining]
+            self._lengths[first:first + len(joining)] = torch.tensor(lengths, dtype=torch.long).to(
+                self._slots.device)
+            self._active[first:first + len(joining)] = True
+        host = tokens.tolist()  # the step's one host sync
+        for request in joining:
+            self._rows.append(request)
+            self._host_lengths.append(len(request.prompt))
+        self._admitting = []
+        self.max_batch = max(self.max_batch, len(self._rows))
+        self._account(host, start, batch)
+
+    def _account(self, tokens: list[int], start: int, batch: int) -> None:
+        """Rows ``start…`` got ``tokens`` (the ones below ``batch`` fed their previous
+        token this step): emit them and retire the rows that are done."""
+        finished: list[int] = []
+        for row, token in enumerate(tokens, start):
+            request = self._rows[row]
+            if row < batch:
+                self._host_lengths[row] += 1
+            if not self._accept(request, token):
+                finished.append(row)
+            elif self._host_lengths[row] + 1 >= self._limit:
+                # Its next token would sit at position ``limit``: past the window (or the
+                # cache). The token just emitted, at ``limit - 1``, was the last that fits.
+                self._finish(request)
+                finished.append(row)
+        for row in reversed(finished):
+            self._leave(row)
+
+    def _move(self, source: int, target: int, length: int) -> None:
+        self._slots.move(source, target, length)
+        self._sampler.move(source, target)
+        for tensor in (self._next, self._lengths, self._active):
+            tensor[target] = tensor[source]
+
+    # Decoding.
+
+    def _decode(self) -> None:
+        """A decoding step over static shapes: a graph's replay where one was captured."""
+        rows = len(self._rows)
+        longest = max(self._host_lengths)
+        bucket = min(_bucket(rows), self._max_sequences)
+        self._ensure(bucket, longest + 1)  # before the width: it may grow the cache (CPU)
+        width = _width(longest + 1, self._slots.length)
+        if self._graphs is not None and self._graphs.replay(bucket, width):
+            self.graph_replays += 1
+            tokens = self._graphs.tokens[:rows].tolist()  # the step's one host sync
+        else:
+            tokens = self._static_step(bucket, width)[:rows].tolist()
+        self.steps += 1
+        self._account(tokens, 0, rows)
+
+    def _static_step(self, rows: int, width: int) -> Any:
+        """A step over ``rows`` rows (a bucket: idle rows among them write only to the
+        scratch position and change nothing) and ``width`` key positions, reading and
+        advancing only device state: the body of a CUDA graph."""
+        import torch
+
+        active = self._active[:rows]
+        positions = self._lengths[:rows, None]
+        write = torch.where(active[:, None], positions, self._slots.scratch)
+        mask = self._widths[None, None, None, :width] <= positions[:, None, :, None]
+        out = self._model(input_ids=self._next[:rows, None], position_ids=positions,
+                          attention_mask=mask, use_cache=False, logits_to_keep=1,
+                          chinwag_slots=SlotView(self._slots, rows, self._slots.index(0, write),
+                                                 mask))
+        tokens = self._sampler.sample(out.logits[:, -1], 0, sampling=True, penalties=True,
+                                      active=active)
+        self._next[:rows] = torch.where(active, tokens, self._next[:rows])
+        self._lengths[:rows] += active
+        return tokens
+
+    def _leave(self, row: int) -> None:
+        """Row ``row`` is done: the last row takes its place."""
+        last = len(self._rows) - 1
+        if row != last:
+            self._move(last, row, self._host_lengths[last])
+            self._rows[row] = self._rows[last]
+            self._rows[row].row = row
+            self._host_lengths[row] = self._host_lengths[last]
+        self._active[last] = False
+        self._rows.pop()
+        self._host_lengths.pop()
+
+    def _fail_all(self, error: BaseException) -> None:
+        super()._fail_all(error)
+        self._host_lengths = []
+        self._active.zero_()
+
+
+def _bucket(rows: int) -> int:
+    """The batch size a step of ``rows`` rows runs at: the next power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
+def _width(needed: int, length: int) -> int:
+    """The attention width a step runs at: the next power of two from 128, at most the
+    cache's length."""
+    return min(length, max(128, 1 << (needed - 1).bit_length()))
