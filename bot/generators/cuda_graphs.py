@@ -65,6 +65,7 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self._device))
         planned = [(rows, width) for rows in reversed(buckets(self._max_rows))
                    for width in reversed(widths(self._length))]
+        failed: list[tuple[int, int]] = []
         with torch.inference_mode(), torch.cuda.stream(stream):
             for rows, width in planned:
                 try:
@@ -73,15 +74,16 @@ class DecodeGraphs:
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
                         self.tokens[:rows] = self._step(rows, width)
                 except torch.cuda.OutOfMemoryError:
-                    left = len(planned) - len(self._graphs)
-                    logger.warning("out of GPU memory capturing the decoding step at batch "
-                                   "%s, width %s: %s of %s shapes will run without a graph",
-                                   rows, width, left, len(planned))
+                    failed.append((rows, width))
                     torch.cuda.empty_cache()
                     continue
                 self._graphs[rows, width] = graph
         torch.cuda.current_stream(self._device).wait_stream(stream)
         torch.cuda.synchronize(self._device)
+        if failed:
+            logger.warning("out of GPU memory capturing %d of %d decoding shapes (largest "
+                           "first: batch %s, width %s): those steps run without a graph",
+                           len(failed), len(planned), *failed[0])
         logger.info("captured %s CUDA graphs of the decoding step (batch up to %s, width up "
                     "to %s) in %.1f s", len(self._graphs), self._max_rows, self._length,
                     time.monotonic() - started)

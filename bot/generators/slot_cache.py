@@ -250,6 +250,16 @@ def _attend(layer: Any, start: int, query: Any, key: Any, value: Any, index: Any
     if queries > 1:
         mask = mask[:, :, None].expand(rows, 1, group, queries, width).reshape(
             rows, 1, group * queries, width)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        folded, keys[:, :, :width], values[:, :, :width], attn_mask=mask, scale=scaling)
+    if folded.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # Memory-efficient attention takes a mask and builds no per-shape plan (cuDNN,
+        # which torch would pick on sm90, plans anew for every new batch and width).
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                folded, keys[:, :, :width], values[:, :, :width], attn_mask=mask,
+                scale=scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            folded, keys[:, :, :width], values[:, :, :width], attn_mask=mask, scale=scaling)
     return out.reshape(rows, heads, queries, dim).transpose(1, 2)

@@ -1,10 +1,12 @@
-"""Worker processes for the CPU: several scheduler processes, one torch thread each.
+"""Worker processes for the CPU: several scheduler processes, each with its share of the
+cores' torch threads.
 
-On a CPU, two processes with one thread each out-run one process with two threads
-(measured here: 1.6-2x), because small matrix products do not spread well over threads.
-Each worker (``worker_process.py``) loads its own copy of the model and runs a
-``BatchScheduler``; the parent hands each request to the least-loaded worker and streams
-its tokens back. On a GPU, one process owns the device: use the in-process scheduler.
+Small matrix products do not always spread well over threads, so on some CPUs several
+processes out-run one process with every thread: ``CHINWAG_WORKERS=auto`` measures which
+at start-up (``cpu_workers.py``). Each worker (``worker_process.py``) loads its own copy of
+the model and runs the scheduler ``engine.make_scheduler`` picks; the parent hands each
+request to the least-loaded worker and streams its tokens back. On a GPU, one process owns
+the device: use the in-process scheduler.
 
 Each worker gets the limits of its share of the pool, and the parent never hands a worker
 more than that, so a worker's scheduler never refuses a job: beyond the pool's limits the
