@@ -12,7 +12,7 @@ import torch
 
 from bot.config import BUILTIN_MODEL, load_settings
 from bot.errors import ConfigError
-from bot.generators import ChatMessage, GenerationParams, cpu_workers, huggingface, model_files
+from bot.generators import ChatMessage, GenerationParams, cpu_workers, huggingface
 from bot.generators.huggingface import TransformersGenerator, native_bf16, pick_device
 from bot.generators.workers import WorkerPool
 
@@ -40,14 +40,19 @@ def test_a_dtype_that_is_not_one_of_the_choices_is_refused_by_name() -> None:
 
 def test_the_measured_choice_splits_the_cores_and_keeps_copies_in_memory(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    config = model_files.load_config(BUILTIN_MODEL, CACHE)
-    choice = cpu_workers.choose(config, torch.float32, 2)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2)).eval()
+    choice = cpu_workers.choose(model, 2)
     assert choice.processes in (1, 2) and choice.processes * choice.threads == 2
     assert set(choice.rates) == {1, 2} and all(rate > 0 for rate in choice.rates.values())
-    assert cpu_workers.choose(config, torch.float32, 1).processes == 1
+    assert cpu_workers.choose(model, 1).processes == 1
     # No room for a second copy of the model: one process, whatever is measured.
     monkeypatch.setattr(cpu_workers, "_free_memory", lambda: 0)
-    only = cpu_workers.choose(config, torch.float32, 2)
+    only = cpu_workers.choose(model, 2)
     assert (only.processes, only.threads, set(only.rates)) == (1, 2, {1})
 
 

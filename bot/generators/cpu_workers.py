@@ -1,20 +1,24 @@
 """``CHINWAG_WORKERS=auto``: how many scheduler processes run the model on a CPU.
 
-One process whose matrix products use every core, or ``k`` processes using ``cores / k``
-each: which is faster depends on how well this CPU's products of the model's shape spread
-over threads, which differs from machine to machine. So it is measured at start-up: for
-each candidate ``k`` (1, 2, 4… while ``k`` copies of the model fit in half the free
-memory), a decoding-sized product (16 rows × the model's hidden size, by its MLP's width)
-timed with ``cores / k`` threads, times ``k``. More processes must win by ``MARGIN`` per
-doubling, for each costs a copy of the model and splits the batch. About 0.2 s, in rounds
-(best of each: a shared machine is noisy); run it on a
-thread that exits (``torch_threads.in_own_thread``), as its OpenMP team must not outlive it.
+One process whose products use every core, or ``k`` processes using ``cores / k`` each:
+which is faster depends on the CPU, its memory bandwidth and the model. So it is measured
+at start-up, with the model itself: for each candidate ``k`` (1, 2, 4, 8 dividing the
+cores, while ``k`` copies fit in half the free memory), ``k`` threads at once, each with
+``cores / k`` torch threads, run decoding-sized forwards of their share of ``ROWS`` rows;
+the rows a second add up. (Matrix products alone mislead: on this project's 2-core box
+they favoured 2 processes by 1.2-1.5x, while the benchmark ran one process of 2 threads
+faster every time, 237-376 against 188-320 tok/s in bf16.) The threads share one copy of
+the weights and the GIL, which favours one process; more processes must also win by
+``MARGIN`` per doubling, for each costs a copy of the model. Interleaved rounds, best of
+each (a shared machine is noisy); under a second for a small model. Run it on a thread
+that exits (``torch_threads.in_own_thread``): its OpenMP teams must not outlive it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +27,10 @@ logger = logging.getLogger(__name__)
 
 MARGIN = 1.15
 ROWS = 16
-MEASURE_S = 0.02
-"""Timing per thread count and round, after a warm-up."""
-ROUNDS = 3
+FORWARDS = 3
+"""Forwards per thread, per round, after one to warm up."""
+ROUNDS = 2
+MAX_PROCESSES = 8
 
 
 @dataclass(frozen=True)
@@ -34,32 +39,18 @@ class WorkerChoice:
     threads: int
     """torch threads in each process."""
     rates: dict[int, float]
-    """Products a second, all processes together, by process count: what was measured."""
+    """Rows a second, all processes together, by process count: what was measured."""
 
 
-def choose(config: Any, dtype: Any, cores: int) -> WorkerChoice:
-    import torch
-
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or 1024)
-    width = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
-    layers = int(getattr(config, "num_hidden_layers", 0) or 12)
-    vocab = int(getattr(config, "vocab_size", 0) or 32000)
-    # A rough size (attention and MLP weights, embeddings): only to keep copies in memory.
-    model_bytes = (layers * (4 * hidden * hidden + 3 * hidden * width) + vocab * hidden) \
-        * torch.empty((), dtype=dtype).element_size()
+def choose(model: Any, cores: int) -> WorkerChoice:
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     room = _free_memory() // 2
-    candidates = [k for k in (1, 2, 4, 8, 16, 32, 64)
-                  if k <= cores and cores % k == 0 and (k == 1 or k * model_bytes <= room)]
-    x = torch.randn(ROWS, hidden, dtype=dtype)
-    w = torch.randn(width, hidden, dtype=dtype)
+    candidates = [k for k in (1, 2, 4, 8) if k <= min(cores, MAX_PROCESSES)
+                  and cores % k == 0 and (k == 1 or k * model_bytes <= room)]
     rates = dict.fromkeys(candidates, 0.0)
-    try:
-        for _round in range(ROUNDS):  # interleaved, best of each: a shared box is noisy
-            for processes in candidates:
-                torch.set_num_threads(cores // processes)  # this thread's own count
-                rates[processes] = max(rates[processes], processes * _rate(x, w))
-    finally:
-        torch.set_num_threads(cores)
+    for _round in range(ROUNDS):
+        for processes in candidates:
+            rates[processes] = max(rates[processes], _rate(model, processes, cores))
     best = 1
     for processes in candidates[1:]:
         doublings = processes.bit_length() - best.bit_length()
@@ -68,17 +59,32 @@ def choose(config: Any, dtype: Any, cores: int) -> WorkerChoice:
     return WorkerChoice(best, cores // best, rates)
 
 
-def _rate(x: Any, w: Any) -> float:
+def _rate(model: Any, processes: int, cores: int) -> float:
+    """Rows a second of ``processes`` threads at once, each forwarding its share of
+    ``ROWS`` rows, one token each, with ``cores / processes`` torch threads."""
     import torch
 
-    with torch.inference_mode():
-        for _ in range(3):
-            torch.nn.functional.linear(x, w)
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < MEASURE_S:
-            torch.nn.functional.linear(x, w)
-            count += 1
-    return count / (time.perf_counter() - started)
+    rows = max(1, ROWS // processes)
+    ids = torch.randint(0, int(model.config.vocab_size), (rows, 1))
+    start = threading.Barrier(processes)
+    took = [0.0] * processes
+
+    def run(index: int) -> None:
+        torch.set_num_threads(cores // processes)  # this thread's own count
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)  # warm-up
+            start.wait()
+            began = time.perf_counter()
+            for _ in range(FORWARDS):
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            took[index] = time.perf_counter() - began
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return processes * rows * FORWARDS / max(took)
 
 
 def _free_memory() -> int:

@@ -108,44 +108,49 @@ class TransformersGenerator:
         device, dtype = pick_device(self._device_setting, self._dtype_setting)
         config = await asyncio.to_thread(model_files.load_config, self._model_name,
                                          self._cache_dir)
-        processes, threads = 1, intra_op_threads()
-        if device == "cpu" and not is_encoder_decoder(config):
-            processes, threads = await self._cpu_workers(config, dtype, threads)
         if is_encoder_decoder(config):
             await self._load_encoder_decoder(device, dtype)
-        elif processes > 1:
-            # The workers load the model; this process only tokenizes.
-            self._tokenizer, self._config = await asyncio.to_thread(
-                model_files.load_tokenizer, self._model_name, self._cache_dir)
-            pool = WorkerPool(self._model_name, self._cache_dir, processes,
-                              dtype=str(dtype).removeprefix("torch."), threads=threads,
-                              stall_after=self._stall_after, **self._limits)
-            await asyncio.to_thread(pool.start)
-            self._scheduler = pool
         else:
-            self._tokenizer, model = await in_own_thread(
-                model_files.load, self._model_name, self._cache_dir, device, dtype)
-            self._config = model.config
-            scheduler = make_scheduler(model, eos_ids=eos_ids(model), threads=threads,
-                                       stall_after=self._stall_after, **self._limits)
-            await asyncio.to_thread(scheduler.start)  # waits while it prepares (graphs)
-            self._scheduler = scheduler
+            await self._load_decoder(device, dtype)
         self._counter = self._encoder_prompt.counter if self._encoder_prompt is not None \
             else TemplateCounter(self._tokenizer, self._model_name)
         self._device = device
         return self
 
-    async def _cpu_workers(self, config: Any, dtype: Any, cores: int) -> tuple[int, int]:
-        """Scheduler processes and torch threads in each: ``CHINWAG_WORKERS``, or for
-        ``auto`` what measures fastest here (``cpu_workers.py``)."""
-        if self._workers != "auto":
-            processes = int(self._workers)
-            return processes, 1 if processes > 1 else cores
-        choice = await in_own_thread(cpu_workers.choose, config, dtype, cores)
-        logger.info("CHINWAG_WORKERS=auto: %d scheduler process(es) of %d thread(s) "
-                    "(measured, products a second by processes: %s)", choice.processes,
-                    choice.threads, {k: round(v) for k, v in choice.rates.items()})
-        return choice.processes, choice.threads
+    async def _load_decoder(self, device: str, dtype: Any) -> None:
+        """A decoder-only model: in this process, or on a CPU in worker processes when
+        ``CHINWAG_WORKERS`` says so or, for ``auto``, when they measure faster here
+        (``cpu_workers.py``, measured with the model loaded here)."""
+        cores = intra_op_threads()
+        processes, threads = (1, cores) if device != "cpu" or self._workers == "auto" \
+            else (int(self._workers), 1 if int(self._workers) > 1 else cores)
+        model = None
+        if processes == 1:
+            self._tokenizer, model = await in_own_thread(
+                model_files.load, self._model_name, self._cache_dir, device, dtype)
+            self._config = model.config
+            if device == "cpu" and self._workers == "auto":
+                choice = await in_own_thread(cpu_workers.choose, model, cores)
+                logger.info("CHINWAG_WORKERS=auto: %d scheduler process(es) of %d thread(s) "
+                            "(measured, rows a second by processes: %s)", choice.processes,
+                            choice.threads, {k: round(v) for k, v in choice.rates.items()})
+                processes, threads = choice.processes, choice.threads
+                if processes > 1:
+                    model = None  # the workers load their own copies
+        if model is not None:
+            scheduler = make_scheduler(model, eos_ids=eos_ids(model), threads=threads,
+                                       stall_after=self._stall_after, **self._limits)
+            await asyncio.to_thread(scheduler.start)  # waits while it prepares (graphs)
+            self._scheduler = scheduler
+            return
+        if self._tokenizer is None:  # the workers load the model; this process tokenizes
+            self._tokenizer, self._config = await asyncio.to_thread(
+                model_files.load_tokenizer, self._model_name, self._cache_dir)
+        pool = WorkerPool(self._model_name, self._cache_dir, processes,
+                          dtype=str(dtype).removeprefix("torch."), threads=threads,
+                          stall_after=self._stall_after, **self._limits)
+        await asyncio.to_thread(pool.start)
+        self._scheduler = pool
 
     async def _load_encoder_decoder(self, device: str, dtype: Any) -> None:
         """T5, BART and the like (``encoder_decoder.py``), always in this process: the
