@@ -73,10 +73,16 @@ class DecodeGraphs:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
                         self.tokens[:rows] = self._step(rows, width)
-                except torch.cuda.OutOfMemoryError:
-                    failed.append((rows, width))
-                    torch.cuda.empty_cache()
-                    continue
+                except Exception as exc:  # torch raises RuntimeError for a failed capture
+                    if "out of memory" in str(exc).lower():
+                        failed.append((rows, width))
+                        torch.cuda.empty_cache()
+                        continue
+                    # Not memory: this model's step cannot be captured. Serve it eagerly.
+                    logger.warning("cannot capture the decoding step in a CUDA graph (%s: %s); "
+                                   "decoding runs without graphs", type(exc).__name__, exc)
+                    self._graphs.clear()
+                    break
                 self._graphs[rows, width] = graph
         torch.cuda.current_stream(self._device).wait_stream(stream)
         torch.cuda.synchronize(self._device)

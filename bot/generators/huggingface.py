@@ -202,6 +202,10 @@ class TransformersGenerator:
         if self._encoder_prompt is not None:
             return self._encoder_prompt.limit
         window = getattr(self._config, "max_position_embeddings", None)
+        # On CUDA the slot engine's rows may be shorter, where memory allowed no more.
+        rows = getattr(self._scheduler, "window", None)
+        if window and isinstance(rows, int):
+            return min(int(window), rows)
         return int(window) if window else None
 
     @property

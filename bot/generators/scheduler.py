@@ -217,7 +217,11 @@ class BatchScheduler:
     def _loop(self) -> None:
         import torch
 
-        torch.set_num_threads(self._threads)  # this thread's own: see torch_threads.py
+        # This thread's own count (torch_threads.py). Its first parallel op would apply the
+        # process-wide default, which another thread may have changed meanwhile: take that
+        # first, then set ours.
+        torch.get_num_threads()
+        torch.set_num_threads(self._threads)
         with torch.inference_mode():
             self._prepare()
             self._prepared.set()
@@ -483,4 +487,7 @@ class BatchScheduler:
 
 def _deliver(items: list[tuple[Emit, Any]]) -> None:
     for sink, item in items:
-        sink(item)
+        try:
+            sink(item)
+        except Exception:  # one broken stream must not starve the others in this batch
+            logger.exception("cannot deliver a token to a stream")

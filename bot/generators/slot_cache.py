@@ -51,8 +51,12 @@ def refusal(model: Any) -> str | None:
     for module in model.modules():
         if hasattr(module, "sinks"):
             return "its attention has sinks"
-    if _shape(config) is None:
+    shape = _shape(config)
+    if shape is None:
         return "its config does not give the attention's shape"
+    if getattr(config, "v_head_dim", None) not in (None, shape[2]) or \
+            getattr(config, "kv_lora_rank", None):
+        return "its keys and values differ in size (latent attention)"
     return None
 
 
@@ -250,16 +254,6 @@ def _attend(layer: Any, start: int, query: Any, key: Any, value: Any, index: Any
     if queries > 1:
         mask = mask[:, :, None].expand(rows, 1, group, queries, width).reshape(
             rows, 1, group * queries, width)
-    if folded.is_cuda:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        # Memory-efficient attention takes a mask and builds no per-shape plan (cuDNN,
-        # which torch would pick on sm90, plans anew for every new batch and width).
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            out = torch.nn.functional.scaled_dot_product_attention(
-                folded, keys[:, :, :width], values[:, :, :width], attn_mask=mask,
-                scale=scaling)
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            folded, keys[:, :, :width], values[:, :, :width], attn_mask=mask, scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        folded, keys[:, :, :width], values[:, :, :width], attn_mask=mask, scale=scaling)
     return out.reshape(rows, heads, queries, dim).transpose(1, 2)

@@ -82,6 +82,12 @@ class SlotScheduler(BatchScheduler):
         self._widths: Any = None
         self._graphs: Any = None
 
+    @property
+    def window(self) -> int:
+        """The longest conversation (prompt and reply) a row holds: the model's window, or
+        on CUDA the cache's length where memory allowed less (known once started)."""
+        return self._limit
+
     def _prepare(self) -> None:
         """Allocate the cache and the step's state, and capture the graphs, on the
         scheduler's thread: a CPU thread that ran torch and lives on slows every step (see
@@ -90,6 +96,10 @@ class SlotScheduler(BatchScheduler):
 
         model, config, device = self._model, self._model.config, self._model.device
         if self._cuda:
+            # Memory-efficient attention takes a mask and plans nothing per shape; cuDNN,
+            # which torch picks on sm90, plans anew for every batch and width. Set once,
+            # for the process: a per-call context would race with other threads' calls.
+            torch.backends.cuda.enable_cudnn_sdp(False)
             slots = self._max_sequences
             length = self._cache_setting or self._cache_length(config, slots, device,
                                                                model.dtype)
@@ -123,7 +133,7 @@ class SlotScheduler(BatchScheduler):
         free, _total = torch.cuda.mem_get_info(device)
         fits = int(free * MEMORY_SHARE) // (per_token * slots)
         length = min(_window(config), fits // LENGTH_STEP * LENGTH_STEP)
-        if length < LENGTH_STEP:
+        if length < min(_window(config), LENGTH_STEP):
             raise RuntimeError(f"too little GPU memory for a KV cache of {slots} "
                                f"conversations: lower CHINWAG_MAX_SEQUENCES")
         if length < _window(config):

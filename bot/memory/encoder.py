@@ -78,7 +78,8 @@ class TransformersEncoder:
         import torch
 
         try:
-            torch.set_num_threads(ENCODER_THREADS)  # this thread's: see load_encoder
+            torch.get_num_threads()  # its first parallel op applies the default: take it
+            torch.set_num_threads(ENCODER_THREADS)  # now, then set this thread's own
             with self._lock, torch.inference_mode():
                 batch = self._tokenizer(list(texts), padding=True, truncation=True,
                                         max_length=self._max_tokens, return_tensors="pt")
