@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bot.generators.torch_threads import use_threads
+
 logger = logging.getLogger(__name__)
 
 MARGIN = 1.15
@@ -70,7 +72,7 @@ def _rate(model: Any, processes: int, cores: int) -> float:
     took = [0.0] * processes
 
     def run(index: int) -> None:
-        torch.set_num_threads(cores // processes)  # this thread's own count
+        use_threads(cores // processes)
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)  # warm-up
             start.wait()

@@ -45,9 +45,6 @@ from bot.i18n import N_
 logger = logging.getLogger(__name__)
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there a bf16 model's
     matrix products run about 3x faster than fp32 (measured: a 16-row product, 105 µs
@@ -122,8 +119,8 @@ class TransformersGenerator:
         ``CHINWAG_WORKERS`` says so or, for ``auto``, when they measure faster here
         (``cpu_workers.py``, measured with the model loaded here)."""
         cores = intra_op_threads()
-        processes, threads = (1, cores) if device != "cpu" or self._workers == "auto" \
-            else (int(self._workers), 1 if int(self._workers) > 1 else cores)
+        processes = 1 if device != "cpu" or self._workers == "auto" else int(self._workers)
+        threads = cores if processes == 1 else 1
         model = None
         if processes == 1:
             self._tokenizer, model = await in_own_thread(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bot.generators.base import GenerationParams
+from bot.generators.padding import pad_right
 
 
 class Sampler:
@@ -25,16 +26,10 @@ class Sampler:
         self.penalty = torch.ones(slots, device=device)
         self.seen = torch.zeros((slots, vocab), dtype=torch.bool, device=device)
 
-    def grow(self, slots: int, used: int) -> None:
-        import torch
-
-        if slots <= self.temperature.shape[0]:
-            return
+    def grow(self, slots: int) -> None:
+        """Room for ``slots`` rows; the new ones zero (``set_rows`` fills a row's first)."""
         for name in ("temperature", "top_p", "penalty", "seen"):
-            old = getattr(self, name)
-            new = torch.zeros((slots, *old.shape[1:]), dtype=old.dtype, device=self.device)
-            new[:used] = old[:used]
-            setattr(self, name, new)
+            setattr(self, name, pad_right(getattr(self, name), slots, dim=0))
 
     def set_rows(self, start: int, params: Sequence[GenerationParams],
                  prompts: Sequence[Sequence[int]]) -> None:

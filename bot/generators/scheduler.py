@@ -29,7 +29,7 @@ from bot.errors import Busy, GenerationError
 from bot.generators.base import GenerationParams
 from bot.generators.padding import pad_left, pad_mask_left
 from bot.generators.stats import SchedulerStats, StepMeter
-from bot.generators.torch_threads import intra_op_threads
+from bot.generators.torch_threads import intra_op_threads, use_threads
 from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
@@ -217,11 +217,7 @@ class BatchScheduler:
     def _loop(self) -> None:
         import torch
 
-        # This thread's own count (torch_threads.py). Its first parallel op would apply the
-        # process-wide default, which another thread may have changed meanwhile: take that
-        # first, then set ours.
-        torch.get_num_threads()
-        torch.set_num_threads(self._threads)
+        use_threads(self._threads)
         with torch.inference_mode():
             self._prepare()
             self._prepared.set()

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bot.errors import GenerationError
+from bot.generators.padding import pad_right
 from bot.generators.sampling import Sampler
 from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request
 from bot.generators.slot_cache import (
@@ -161,13 +162,10 @@ class SlotScheduler(BatchScheduler):
         if not self._slots.ensure(rows, length, used):
             return
         slots = self._slots.slots
-        self._sampler.grow(slots, used)
+        self._sampler.grow(slots)
+        # New rows are idle (``_active`` false) until a request joins and sets them.
         for name in ("_next", "_lengths", "_active"):
-            old = getattr(self, name)
-            if old.shape[0] < slots:
-                new = torch.zeros(slots, dtype=old.dtype, device=old.device)
-                new[:used] = old[:used]
-                setattr(self, name, new)
+            setattr(self, name, pad_right(getattr(self, name), slots, dim=0))
         self._widths = torch.arange(self._slots.length + 1, device=self._slots.device)
 
     # A step.
@@ -243,14 +241,12 @@ class SlotScheduler(BatchScheduler):
             write = prompt[1, offset - batch:offset - batch + end - start]
             segments.append(Segment(offset, end - start, first + index,
                                     self._slots.index(first + index, write[None]),
-                                    self._widths[None, None, None, :end]
-                                    <= write[None, None, :, None]))
+                                    self._sees(write[None], end)))
             offset += end - start
             if end == len(request.prompt):
                 keep.append(offset - 1)
         lengths = self._lengths[:batch, None]
-        mask = self._widths[None, None, None, :max([*self._host_lengths[:batch], 0]) + 1] \
-            <= lengths[:, None, :, None]
+        mask = self._sees(lengths, max([*self._host_lengths[:batch], 0]) + 1)
         view = SlotView(self._slots, batch, self._slots.index(0, lengths), mask,
                         tuple(segments), packed=True)
         out = self._model(input_ids=torch.cat([self._next[:batch], prompt[0]])[None],
@@ -314,6 +310,12 @@ class SlotScheduler(BatchScheduler):
         for row in reversed(finished):
             self._leave(row)
 
+    def _sees(self, positions: Any, width: int) -> Any:
+        """The attention mask of queries at ``positions`` (``[rows, queries]``) over the
+        keys ``0…width-1`` of their own rows: each sees the keys up to its own position.
+        ``[rows, 1, queries, width]``, built once per forward for every layer."""
+        return self._widths[:width] <= positions[:, None, :, None]
+
     def _move(self, source: int, target: int, length: int) -> None:
         self._slots.move(source, target, length)
         self._sampler.move(source, target)
@@ -346,7 +348,7 @@ class SlotScheduler(BatchScheduler):
         active = self._active[:rows]
         positions = self._lengths[:rows, None]
         write = torch.where(active[:, None], positions, self._slots.scratch)
-        mask = self._widths[None, None, None, :width] <= positions[:, None, :, None]
+        mask = self._sees(positions, width)
         out = self._model(input_ids=self._next[:rows, None], position_ids=positions,
                           attention_mask=mask, use_cache=False, logits_to_keep=1,
                           chinwag_slots=SlotView(self._slots, rows, self._slots.index(0, write),

@@ -36,6 +36,16 @@ def intra_op_threads() -> int:
         return os.cpu_count() or 1
 
 
+def use_threads(count: int) -> None:
+    """Give the calling thread ``count`` torch CPU threads, as its own. A thread's first
+    parallel op applies the process-wide default, which ``set_num_threads`` in any thread
+    also changes: take the default first, so that a later op cannot undo this count."""
+    import torch
+
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
 async def in_own_thread(function: Callable[..., T], *args: Any, name: str = "chinwag-load") -> T:
     """``function(*args)`` on a new thread that exits when it returns (so the OpenMP team it
     may start goes with it), awaited without blocking the loop."""

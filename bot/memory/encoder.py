@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bot.errors import EncoderError, ModelUnavailable
+from bot.generators.torch_threads import use_threads
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,7 @@ class TransformersEncoder:
         import torch
 
         try:
-            torch.get_num_threads()  # its first parallel op applies the default: take it
-            torch.set_num_threads(ENCODER_THREADS)  # now, then set this thread's own
+            use_threads(ENCODER_THREADS)  # this thread's own: see load_encoder
             with self._lock, torch.inference_mode():
                 batch = self._tokenizer(list(texts), padding=True, truncation=True,
                                         max_length=self._max_tokens, return_tensors="pt")
@@ -116,13 +116,11 @@ def load_encoder(model: str) -> TransformersEncoder:
     else:
         path = Path(model).expanduser()
         location, name = (str(path), model) if path.exists() else (model, model)
-    import torch
-
     # One thread, set on each thread that runs the encoder (the count is the calling
     # thread's own): a second OpenMP team would slow the chat model's every step (see
     # bot/generators/torch_threads.py), and on a busy 2-core box one thread is faster
     # anyway (16 ms a query instead of 170 ms with two).
-    torch.set_num_threads(ENCODER_THREADS)
+    use_threads(ENCODER_THREADS)
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
