@@ -16,29 +16,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import Timing, isolated, percentile, run_paced
+from bench.timing import run_sequential as generate_one_at_a_time
+
 PROMPT_TOKENS = 64
-
-
-@dataclass
-class Timing:
-    arrived: float
-    first: float = 0.0
-    done: float = 0.0
-    tokens: int = 0
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def load(shape: str, device: str) -> Any:
@@ -64,54 +51,11 @@ def prompts(n: int) -> list[list[int]]:
             for i in range(n)]
 
 
-def arrivals(n: int, spread: float) -> list[float]:
-    return [spread * i / max(1, n - 1) if n > 1 else 0.0 for i in range(n)]
-
-
-def run_sequential(model: Any, ids: list[list[int]], tokens: int,
-                   spread: float) -> list[Timing]:
-    import torch
-    from transformers import TextStreamer
-
-    start = time.perf_counter()
-    timings = [Timing(start + a) for a in arrivals(len(ids), spread)]
-
-    class First(TextStreamer):
-        def __init__(self, timing: Timing) -> None:
-            self.timing, self.calls = timing, 0
-
-        def put(self, value: Any) -> None:
-            self.calls += 1
-            if self.calls == 2:  # the first call hands over the decoder start token
-                self.timing.first = time.perf_counter()
-
-        def end(self) -> None:
-            pass
-
-    def serve() -> None:
-        for prompt, timing in zip(ids, timings, strict=True):
-            time.sleep(max(0.0, timing.arrived - time.perf_counter()))
-            inputs = torch.tensor([prompt], device=model.device)
-            with torch.inference_mode():
-                model.generate(inputs, attention_mask=torch.ones_like(inputs),
-                               max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                               streamer=First(timing))
-            timing.done, timing.tokens = time.perf_counter(), tokens
-
-    # On a thread of its own, as the scheduler runs: torch on a busy CPU was measured here
-    # 4x slower on the main thread than on another one.
-    server = threading.Thread(target=serve)
-    server.start()
-    server.join()
-    return timings
-
-
 def run_chinwag(model: Any, ids: list[list[int]], tokens: int, spread: float,
                 joins: list[float]) -> tuple[list[Timing], float]:
     """The timings, and the mean decoding step in seconds."""
     from bot.generators import GenerationParams, encoder_decoder
     from bot.generators.encoder_decoder import EncoderDecoderScheduler
-    from bot.generators.scheduler import Request
 
     merge = encoder_decoder._merge
 
@@ -134,29 +78,19 @@ def run_chinwag(model: Any, ids: list[list[int]], tokens: int, spread: float,
     scheduler._decode_batch = timed_decode  # type: ignore[method-assign]
     scheduler.start()
     params = GenerationParams(max_new_tokens=tokens, temperature=0.0)
-    start = time.perf_counter()
-    timings = [Timing(start + a) for a in arrivals(len(ids), spread)]
-    done = threading.Semaphore(0)
-
-    def emitter(timing: Timing) -> Callable[[Any], None]:
-        def emit(item: Any) -> None:
-            if item is None or isinstance(item, BaseException):
-                timing.done = time.perf_counter()
-                done.release()
-                return
-            timing.tokens += 1
-            if timing.tokens == 1:
-                timing.first = time.perf_counter()
-        return emit
-
-    for prompt, timing in zip(ids, timings, strict=True):
-        time.sleep(max(0.0, timing.arrived - time.perf_counter()))
-        scheduler.submit(Request(prompt, params, emitter(timing), ignore_eos=True))
-    for _ in ids:
-        done.acquire()
-    scheduler.stop()
-    encoder_decoder._merge = merge  # type: ignore[assignment]
+    try:
+        timings = run_paced(scheduler, ids, params, spread)
+    finally:
+        scheduler.stop()
+        encoder_decoder._merge = merge  # type: ignore[assignment]
     return timings, sum(steps) / max(1, len(steps))
+
+
+def run_sequential(model: Any, ids: list[list[int]], tokens: int,
+                   spread: float) -> list[Timing]:
+    # On a thread of its own, as the scheduler runs: torch on a busy CPU was measured here
+    # 4x slower on the main thread than on another one.
+    return isolated(generate_one_at_a_time, model, ids, tokens, spread)
 
 
 def main() -> None:

@@ -27,11 +27,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.timing import (
+    Timing,
+    arrivals,
+    first_token,
+    isolated,
+    percentile,
+    run_paced,
+)
+from bench.timing import run_sequential as generate_one_at_a_time
 
 PROMPTS = ["What is the capital of France?", "Name three colours.",
            "Write a haiku about the sea.", "What is two plus two?",
@@ -41,19 +50,6 @@ PROMPTS = ["What is the capital of France?", "Name three colours.",
 
 class Unavailable(Exception):
     """This strategy cannot run here (no such option in this transformers, not a GPU)."""
-
-
-@dataclass
-class Timing:
-    arrived: float
-    first: float = 0.0
-    done: float = 0.0
-    tokens: int = 0
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -103,40 +99,10 @@ def prompt_ids(tokenizer: Any, n: int) -> list[list[int]]:
         for i in range(n)]
 
 
-def arrivals(n: int, spread: float) -> list[float]:
-    return [spread * i / max(1, n - 1) if n > 1 else 0.0 for i in range(n)]
-
-
 def run_sequential(model: Any, prompts: list[list[int]], tokens: int,
                    spread: float) -> list[Timing]:
     """What most bots do: one `generate` at a time, in arrival order."""
-    import torch
-    from transformers import TextStreamer
-
-    start = time.perf_counter()
-    timings = [Timing(start + a) for a in arrivals(len(prompts), spread)]
-
-    class First(TextStreamer):
-        def __init__(self, timing: Timing) -> None:
-            self.timing, self.calls = timing, 0
-
-        def put(self, value: Any) -> None:
-            self.calls += 1
-            if self.calls == 2:  # the first call hands over the prompt
-                self.timing.first = time.perf_counter()
-
-        def end(self) -> None:
-            pass
-
-    for ids, timing in zip(prompts, timings, strict=True):
-        time.sleep(max(0.0, timing.arrived - time.perf_counter()))
-        inputs = torch.tensor([ids], device=model.device)
-        with torch.inference_mode():
-            model.generate(inputs, attention_mask=torch.ones_like(inputs),
-                           max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                           streamer=First(timing), pad_token_id=0)
-        timing.done, timing.tokens = time.perf_counter(), tokens
-    return timings
+    return generate_one_at_a_time(model, prompts, tokens, spread, pad_token_id=0)
 
 
 def run_static(model: Any, prompts: list[list[int]], tokens: int,
@@ -145,8 +111,6 @@ def run_static(model: Any, prompts: list[list[int]], tokens: int,
     is present at the start by definition, so ``spread`` does not apply; each one's first
     token is the batch's first step and its end the batch's end."""
     import torch
-    from transformers.generation.streamers import BaseStreamer
-
     start = time.perf_counter()
     timings = [Timing(start) for _ in prompts]
     length = max(len(ids) for ids in prompts)
@@ -156,23 +120,14 @@ def run_static(model: Any, prompts: list[list[int]], tokens: int,
         inputs[row, length - len(ids):] = torch.tensor(ids)
         mask[row, length - len(ids):] = 1
 
-    class First(BaseStreamer):
-        calls = 0
-
-        def put(self, value: Any) -> None:
-            self.calls += 1
-            if self.calls == 2:  # the first call hands over the prompt
-                first = time.perf_counter()
-                for timing in timings:
-                    timing.first = first
-
-        def end(self) -> None:
-            pass
+    def noted(at: float) -> None:
+        for each in timings:
+            each.first = at
 
     with torch.inference_mode():
         model.generate(inputs.to(model.device), attention_mask=mask.to(model.device),
                        max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                       streamer=First(), pad_token_id=0)
+                       streamer=first_token(noted), pad_token_id=0)
     done = time.perf_counter()
     for timing in timings:
         timing.done, timing.tokens = done, tokens
@@ -263,46 +218,20 @@ def run_chinwag(model: Any, prompts: list[list[int]], tokens: int,
                 spread: float, workers: int = 1) -> list[Timing]:
     from bot.generators import GenerationParams
     from bot.generators.engine import make_scheduler
-    from bot.generators.scheduler import Request
 
     scheduler: Any
     if workers > 1:
         scheduler = _POOLS[workers]
     else:
-        attention = model.config._attn_implementation
         scheduler = make_scheduler(model, eos_ids=[], max_sequences=256, max_queued=0)
         scheduler.start()
     _ENGINE["last"] = scheduler  # for its step figures in the table
     params = GenerationParams(max_new_tokens=tokens, temperature=0.0)
-    start = time.perf_counter()
-    timings = [Timing(start + a) for a in arrivals(len(prompts), spread)]
-    done = threading.Semaphore(0)
-    errors: list[BaseException] = []
-
-    def emitter(timing: Timing) -> Callable[[Any], None]:
-        def emit(item: Any) -> None:
-            if item is None or isinstance(item, BaseException):
-                if item is not None:
-                    errors.append(item)
-                timing.done = time.perf_counter()
-                done.release()
-                return
-            timing.tokens += 1
-            if timing.tokens == 1:
-                timing.first = time.perf_counter()
-        return emit
-
-    for ids, timing in zip(prompts, timings, strict=True):
-        time.sleep(max(0.0, timing.arrived - time.perf_counter()))
-        scheduler.submit(Request(ids, params, emitter(timing), ignore_eos=True))
-    for _ in prompts:
-        done.acquire()
-    if workers == 1:
-        scheduler.stop()
-        restore_attention(model, attention)
-    if errors:  # a rate over failed replies would be no measurement
-        raise RuntimeError(f"{len(errors)} of Chinwag's requests failed: {errors[0]}")
-    return timings
+    try:
+        return run_paced(scheduler, prompts, params, spread)
+    finally:
+        if workers == 1:
+            scheduler.stop()  # which gives the model its attention back
 
 
 def restore_attention(model: Any, attention: str) -> None:
@@ -343,7 +272,6 @@ def greedy_agreement(model: Any, prompts: list[list[int]], tokens: int = 32) -> 
     from bot.generators.scheduler import Request
 
     params = GenerationParams(max_new_tokens=tokens, temperature=0.0)
-    attention = model.config._attn_implementation
     scheduler = make_scheduler(model, eos_ids=[], max_sequences=256, max_queued=0)
 
     def generate(batch: list[list[int]]) -> list[list[int]]:
@@ -375,8 +303,7 @@ def greedy_agreement(model: Any, prompts: list[list[int]], tokens: int = 32) -> 
         alone = [generate([ids])[0] for ids in prompts]
         batched = generate(prompts)
     finally:
-        scheduler.stop()
-        restore_attention(model, attention)
+        scheduler.stop()  # which gives the model its attention back
     return sum(a == b for a, b in zip(alone, batched, strict=True))
 
 
@@ -404,27 +331,6 @@ STRATEGIES = {"seq": ("sequential", run_sequential),
               "cbgraph": ("transformers_cbgraph", run_transformers_cb_graphs),
               "chinwag": ("chinwag", run_chinwag),
               "chinwag2p": ("chinwag_2procs", run_chinwag_processes)}
-
-
-def isolated(function: Callable[..., Any], *args: Any) -> Any:
-    """``function(*args)`` on a thread of its own that exits when done, as Chinwag loads its
-    model: a thread that ran torch and lives on keeps an OpenMP team that slows every other
-    thread's matmuls (bot/generators/torch_threads.py), whichever strategy runs next."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, function(*args)))
-        except BaseException as exc:  # re-raised on the calling thread
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
 
 
 def main() -> None:
