@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 from sqlalchemy import insert
 
+from bench.context import NullSink  # the same sink that measures nothing
 from bot.builtin_commands import builtin_commands
 from bot.config import Settings, load_settings
 from bot.dialogue import DialogueManager
@@ -130,25 +131,6 @@ class RecordingGenerator(EchoGenerator):
         self.prompts.append(list(messages))
         async for piece in super().stream(messages, params):
             yield piece
-
-
-class NullSink:
-    max_message_length = 4096
-
-    def fit(self, text: str) -> int:
-        return min(len(text), self.max_message_length)
-
-    async def send(self, text: str, *, final: bool = False) -> str:
-        return f"out-{time.perf_counter_ns()}"
-
-    async def edit(self, message_id: str, text: str, *, final: bool = False) -> None:
-        return None
-
-    async def delete(self, message_id: str) -> None:
-        return None
-
-    async def typing(self) -> None:
-        return None
 
 
 def filler_turns(count: int, rng: random.Random) -> list[tuple[str, str]]:
