@@ -30,7 +30,6 @@ from bot.config import BUILTIN_MODEL, Settings
 from bot.dialogue import DialogueManager
 from bot.errors import Busy, GenerationError, StorageError
 from bot.generators import ChatMessage, GenerationParams
-from bot.generators.echo import EchoGenerator
 from bot.generators.huggingface import TransformersGenerator
 from bot.generators.scheduler import BatchScheduler, Request
 from bot.metrics import Metrics
@@ -42,7 +41,7 @@ from storage.models import MessageRow
 from storage.repository import SqlStore
 from tests.auxil.adapters import discord_adapter, telegram_adapter, telegram_webhook_adapter
 from tests.auxil.discord_api import CHANNEL, DiscordEmulator
-from tests.auxil.generators import ScriptedGenerator
+from tests.auxil.generators import ScriptedGenerator, SickGenerator
 from tests.auxil.loopback import free_port
 from tests.auxil.process import ROOT, start_run
 from tests.auxil.telegram_api import TelegramEmulator
@@ -346,17 +345,6 @@ async def test_a_store_call_that_fails_for_good_is_counted_by_operation(
 
 
 # /health and /ready.
-
-class SickGenerator(EchoGenerator):
-    """An echo generator whose health the test sets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trouble: str | None = None
-
-    def health(self) -> str | None:
-        return self.trouble
-
 
 async def test_ready_once_loaded_and_connected_and_healthy_until_it_stops() -> None:
     probes = Probes(("telegram", "discord"))

@@ -34,6 +34,7 @@ from bot.generators.openai_compat import OpenAIGenerator, local_counter
 from bot.generators.tokens import EstimateCounter, TemplateCounter
 from storage.repository import SqlStore
 from tests.auxil.factories import dm
+from tests.auxil.generators import SickGenerator
 from tests.auxil.loopback import wait_until
 from tests.auxil.sinks import RecordingSink
 
@@ -107,17 +108,6 @@ async def test_chinwag_serve_checks_the_api_key(echo_server: OpenAIServer) -> No
                                counter=EstimateCounter()) as client:
         with pytest.raises(GenerationError, match="401"):
             await collect(client)
-
-
-class SickGenerator(EchoGenerator):
-    """An echo generator whose health the test sets (as a stalled scheduler would report)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trouble: str | None = None
-
-    def health(self) -> str | None:
-        return self.trouble
 
 
 async def test_chinwag_serve_health_asks_the_generator() -> None:

@@ -62,3 +62,14 @@ async def wait_running(generator: ScriptedGenerator, count: int = 1,
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{generator.running} running, expected {count}")
+
+
+class SickGenerator(EchoGenerator):
+    """An echo generator whose health the test sets (as a stalled scheduler would report)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trouble: str | None = None
+
+    def health(self) -> str | None:
+        return self.trouble
