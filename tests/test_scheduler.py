@@ -14,6 +14,7 @@ import pytest_asyncio
 from bot.config import BUILTIN_MODEL
 from bot.errors import Busy, GenerationError
 from bot.generators import ChatMessage, GenerationParams
+from bot.generators.eager_scheduler import EagerScheduler
 from bot.generators.huggingface import TransformersGenerator
 from bot.generators.scheduler import BatchScheduler, Request, eos_ids
 from bot.generators.workers import WorkerPool
@@ -197,11 +198,12 @@ async def test_out_of_memory_fails_the_batch_clearly_and_the_next_request_works(
     assert not scheduler._rows and scheduler._count == 0  # type: ignore[union-attr]
 
 
-def own_scheduler(model: TransformersGenerator, **limits: float) -> BatchScheduler:
-    """A second scheduler on the loaded model, so the module's one stays sound."""
+def own_scheduler(model: TransformersGenerator, **limits: float) -> EagerScheduler:
+    """A second scheduler (the eager one) on the loaded model, so the module's one stays
+    sound."""
     assert isinstance(model.scheduler, BatchScheduler)
     real = model.scheduler._model
-    scheduler = BatchScheduler(real, eos_ids=eos_ids(real), **limits)  # type: ignore[arg-type]
+    scheduler = EagerScheduler(real, eos_ids=eos_ids(real), **limits)  # type: ignore[arg-type]
     scheduler.start()
     return scheduler
 

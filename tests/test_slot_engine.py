@@ -1,7 +1,7 @@
 """The slot engine (``slot_cache.py``, ``slot_scheduler.py``, ``engine.py``) against the eager
-``DynamicCache`` path: the same greedy tokens in every configuration, the fallback for the
-models it refuses, slot reuse, the model's window, a failed start, and on CUDA one host sync
-per replayed decoding step."""
+``DynamicCache`` path (``eager_scheduler.py``): the same greedy tokens in every
+configuration, the fallback for the models it refuses, slot reuse, the model's window, a
+failed start, and on CUDA one host sync per replayed decoding step."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from bot.config import BUILTIN_MODEL
 from bot.errors import GenerationError
 from bot.generators import model_files
 from bot.generators.base import GenerationParams
+from bot.generators.eager_scheduler import EagerScheduler
 from bot.generators.engine import make_scheduler
 from bot.generators.scheduler import BatchScheduler, Request, eos_ids
 from bot.generators.slot_cache import ATTENTION, refusal
@@ -136,7 +137,7 @@ def prompts(builtin: tuple[Any, Any]) -> list[list[int]]:
 def reference(builtin: tuple[Any, Any], prompts: list[list[int]]) -> list[list[int]]:
     """The eager path's greedy tokens, each prompt alone."""
     model = builtin[1]
-    with running(BatchScheduler(model, eos_ids=eos_ids(model), threads=1)) as eager:
+    with running(EagerScheduler(model, eos_ids=eos_ids(model), threads=1)) as eager:
         expected = asyncio.run(alone(eager, prompts, PENALISED))
     assert len({tuple(tokens) for tokens in expected}) == len(prompts)
     return expected
@@ -181,7 +182,7 @@ async def test_a_refused_model_runs_on_the_eager_path_said_once(
     expected = generate(model, prompt, 16)
     with caplog.at_level(logging.WARNING, logger="bot.generators.engine"):
         scheduler = make_scheduler(model, eos_ids=eos_ids(model), max_sequences=4, threads=1)
-    assert type(scheduler) is BatchScheduler
+    assert type(scheduler) is EagerScheduler
     said = [r for r in caplog.records if r.name == "bot.generators.engine"]
     assert [r.levelno for r in said] == [logging.WARNING]
     assert reason in said[0].getMessage()
@@ -194,7 +195,7 @@ async def test_grouped_query_attention_reads_the_kv_heads_as_stored(llama: Any) 
     assert refusal(llama) is None
     # Six at once: more rows than the CPU cache starts with (4); one crosses its length.
     prompts = [ids(n, n) for n in (3, 17, 40, 90, 5, 250)]
-    with running(BatchScheduler(llama, eos_ids=[], threads=1)) as eager:
+    with running(EagerScheduler(llama, eos_ids=[], threads=1)) as eager:
         expected = await alone(eager, prompts, greedy(16))
     scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=8, threads=1)
     with running(scheduler):
@@ -243,7 +244,7 @@ async def test_a_freed_slot_is_reused_at_once(llama: Any) -> None:
     assert [c.tokens, e.tokens, h[0].tokens] == expected
     assert scheduler.max_batch <= 2 and scheduler._slots.slots == 2
     # The survivor was moved and had neighbours come and go, undisturbed.
-    with running(BatchScheduler(llama, eos_ids=[], threads=1)) as eager:
+    with running(EagerScheduler(llama, eos_ids=[], threads=1)) as eager:
         assert await answers(eager, [a_prompt], greedy(len(a.tokens))) == [a.tokens]
 
 
@@ -253,7 +254,7 @@ def small() -> Any:
 
 
 async def test_a_prompt_filling_the_window_fails_and_the_next_is_served(small: Any) -> None:
-    with running(BatchScheduler(small, eos_ids=[], threads=1)) as eager:
+    with running(EagerScheduler(small, eos_ids=[], threads=1)) as eager:
         expected = await answers(eager, [ids(10, 1)], greedy(8))
     with running(SlotScheduler(small, eos_ids=[], threads=1)) as scheduler:
         for length in (64, 90):
@@ -265,7 +266,7 @@ async def test_a_prompt_filling_the_window_fails_and_the_next_is_served(small: A
 
 async def test_a_reply_reaching_the_window_ends_cleanly(small: Any) -> None:
     prompt = ids(50, 3)
-    with running(BatchScheduler(small, eos_ids=[], threads=1)) as eager:
+    with running(EagerScheduler(small, eos_ids=[], threads=1)) as eager:
         [unbounded] = await answers(eager, [prompt], greedy(30))
     with running(SlotScheduler(small, eos_ids=[], threads=1)) as scheduler:
         [reply] = await replies(scheduler, [prompt], greedy(30))

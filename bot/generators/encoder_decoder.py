@@ -1,7 +1,8 @@
 """Continuous batching for encoder–decoder models (T5 and Flan-T5, BART, BlenderBot, Marian).
 
-The same thread, queue, limits, health, sampling and stopping as the decoder-only
-scheduler (``scheduler.py``, which this subclasses); what differs is how a request runs:
+The same thread, queue, limits, health and stopping as the decoder-only schedulers
+(``scheduler.py``'s ``BatchScheduler``, which this subclasses) and the eager one's sampling
+(``sampling.sample_requests``); what differs is how a request runs:
 
 - **Admission.** Requests waiting together (as many as there are free rows, within
   ``prefill_chunk`` prompt tokens; at least one) are encoded in one encoder pass,
@@ -43,6 +44,7 @@ from typing import Any
 
 from bot.errors import ModelUnavailable
 from bot.generators.padding import pad_left, pad_mask_left, pad_right
+from bot.generators.sampling import sample_requests
 from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request
 
 logger = logging.getLogger(__name__)
@@ -243,7 +245,7 @@ class EncoderDecoderScheduler(BatchScheduler):
                        mask=source_mask.new_zeros((len(group), 0)),
                        positions=[0] * len(group), last=[])
         prefix = torch.tensor([self._prefix] * len(group), device=device)
-        tokens = self._sample(self._decoder_step(batch, prefix), group)
+        tokens = sample_requests(self._decoder_step(batch, prefix), group)
         batch.last = [int(token) for token in tokens]
         keep = [row for row, request in enumerate(group)
                 if self._accept(request, batch.last[row])]
@@ -268,7 +270,7 @@ class EncoderDecoderScheduler(BatchScheduler):
         logits = self._decoder_step(batch, torch.tensor(batch.last,
                                                         device=self._model.device)[:, None])
         self.steps += 1
-        tokens = self._sample(logits, batch.rows)
+        tokens = sample_requests(logits, batch.rows)
         keep: list[int] = []
         for index, request in enumerate(batch.rows):
             batch.last[index] = int(tokens[index])

@@ -1,5 +1,6 @@
 """Which scheduler runs a decoder-only model: the slot engine (``slot_scheduler.py``) where
-the model allows it, else the eager ``DynamicCache`` path, said once in the log."""
+the model allows it, else the eager ``DynamicCache`` path (``eager_scheduler.py``), said once
+in the log."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from bot.generators.eager_scheduler import EagerScheduler
 from bot.generators.scheduler import BatchScheduler
 from bot.generators.slot_cache import refusal
 from bot.generators.slot_scheduler import SlotScheduler
@@ -20,4 +22,4 @@ def make_scheduler(model: Any, *, eos_ids: Sequence[int], **limits: Any) -> Batc
         return SlotScheduler(model, eos_ids=eos_ids, **limits)
     logger.warning("model %s runs on the eager path (no slot cache, no CUDA graphs: slower) "
                    "because %s", getattr(model.config, "name_or_path", "?") or "?", reason)
-    return BatchScheduler(model, eos_ids=eos_ids, **limits)
+    return EagerScheduler(model, eos_ids=eos_ids, **limits)

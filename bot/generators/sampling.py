@@ -1,10 +1,15 @@
-"""Choosing each row's next token on the device, the whole batch at once.
+"""Choosing each row's next token: on the device, the whole batch at once (``Sampler``, the
+slot engine's), or request by request (``sample_requests``, the eager schedulers').
 
 Per-row temperature, top-p and repetition penalty live in tensors indexed by slot, with a
 ``[slots, vocab]`` mask of the tokens each row has seen, so one step's sampling is a fixed
 handful of kernels whatever the batch holds, with no host round trip: a CUDA graph can
 capture it. Sampling uses the exponential race (the argmax of ``p / E`` with ``E ~ Exp(1)``
 picks a token with probability ``p``), which unlike ``multinomial`` needs no sync.
+
+``sample_requests`` (``eager_scheduler.py``, ``encoder_decoder.py``) applies the same
+settings read from each request, the repetition penalty over the request's own ``seen`` ids,
+and samples with ``multinomial``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 from bot.generators.base import GenerationParams
 from bot.generators.padding import pad_right
+from bot.generators.scheduler import Request
 
 
 class Sampler:
@@ -84,3 +90,32 @@ class Sampler:
         else:
             self.seen[index, tokens] |= active
         return tokens
+
+
+def sample_requests(logits: Any, requests: Sequence[Request]) -> Any:
+    """The next token of each request from its row of ``logits``, under its own parameters
+    (the repetition penalty is applied to ``logits`` in place)."""
+    import torch
+
+    for row, request in enumerate(requests):
+        penalty = request.params.repetition_penalty
+        if penalty != 1.0:
+            scores = logits[row, request.seen]
+            logits[row, request.seen] = torch.where(scores < 0, scores * penalty,
+                                                    scores / penalty)
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        temperatures = torch.tensor([requests[i].params.temperature for i in sampled],
+                                    device=logits.device)[:, None]
+        probs = torch.softmax(logits[index] / temperatures, dim=-1)
+        top_p = torch.tensor([requests[i].params.top_p for i in sampled],
+                             device=logits.device)[:, None]
+        ordered, order = probs.sort(dim=-1, descending=True)
+        outside = ordered.cumsum(dim=-1) - ordered > top_p
+        ordered[outside] = 0.0
+        choice = torch.multinomial(ordered, 1)
+        tokens[index] = order.gather(-1, choice).squeeze(-1)
+    return tokens
+

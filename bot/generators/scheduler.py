@@ -1,16 +1,20 @@
 """Continuous batching: one scheduler thread owns the model and runs every conversation's
 request in one batch, token by token.
 
-Requests join the running batch between decoding steps and leave the moment they finish
-or are cancelled. A new request's prompt is prefilled on its own, in chunks of at most
-``prefill_chunk`` tokens interleaved with the batch's decoding steps, so a long prompt
-delays the others by one chunk per step rather than by the whole prompt. Its KV cache is
-then merged into the batch's, left-padded to a common length; each row keeps its own
-attention mask and positions, so a request's tokens do not depend on its neighbours
-(greedy output is the same alone or batched). Sampling parameters are per request.
+``BatchScheduler`` is what every engine shares: the thread and its queue, the limits
+(``Busy`` beyond them), health and stats, and a request's life from ``submit`` to its end:
+its tokens recorded and emitted, each step's handed to each event loop in one call.
+Requests join the batch between steps and leave the moment they finish or are cancelled.
+How a step runs (where the KV cache lives, how prompts are prefilled) is a subclass's
+``_step``:
 
-Built on the model's forward and ``transformers``' ``DynamicCache``; transformers' own
-continuous-batching manager is the benchmark's reference point (``bench/generation.py``).
+- ``slot_scheduler.SlotScheduler``, over a slot KV cache: decoder-only models, by default;
+- ``eager_scheduler.EagerScheduler``, over transformers' ``DynamicCache``: the decoder-only
+  models the slot engine refuses (``engine.make_scheduler`` picks);
+- ``encoder_decoder.EncoderDecoderScheduler``: encoder–decoder models.
+
+Transformers' own continuous-batching manager is the benchmark's reference point
+(``bench/generation.py``).
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import logging
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bot.errors import Busy, GenerationError
 from bot.generators.base import GenerationParams
-from bot.generators.padding import pad_left, pad_mask_left
 from bot.generators.stats import SchedulerStats, StepMeter
 from bot.generators.torch_threads import intra_op_threads, use_threads
 from bot.i18n import N_
@@ -67,13 +71,15 @@ class Request:
     done: bool = False
     """Its end (or error) has been emitted."""
     cache: Any = None
+    """A long prompt's cache while the eager path prefills it, a chunk per step."""
     seen: Any = None
-    """Token ids seen so far (for the repetition penalty)."""
+    """Token ids seen so far, for the repetition penalty of the eager and encoder–decoder
+    paths (the slot engine keeps its own, in ``sampling.Sampler``)."""
     row: int = -1
     """Its row in the slot engine's cache (``slot_scheduler.py``), once it has one."""
 
 
-class BatchScheduler:
+class BatchScheduler(ABC):
     def __init__(self, model: Any, *, eos_ids: Sequence[int], max_sequences: int = 32,
                  max_queued: int = 256, prefill_chunk: int = 512,
                  stall_after: float = STALL_AFTER_S, threads: int | None = None) -> None:
@@ -89,10 +95,6 @@ class BatchScheduler:
         self._rows: list[Request] = []
         self._admitting: list[Request] = []
         """Prefilled, no longer waiting, not yet rows: in hand should a step fail."""
-        self._cache: Any = None
-        self._mask: Any = None
-        self._positions: list[int] = []
-        self._last: list[int] = []
         self._count_lock = threading.Lock()
         self._count = 0
         self._open = False
@@ -116,6 +118,7 @@ class BatchScheduler:
         self.decode_seconds = 0.0
         """Wall time spent in decoding steps, host sync included."""
         self.max_batch = 0
+        # For the subclasses that hand the model a cache (eager, encoder–decoder):
         # transformers 5.2x renamed `past_key_values` to `cache`; accept either release.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
             else "past_key_values"
@@ -135,7 +138,7 @@ class BatchScheduler:
             self.stop()
             raise GenerationError(f"the model's scheduler could not start: {self._died}")
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> None:  # noqa: B027 - a hook, empty unless a subclass needs one
         """Run first on the scheduler's thread, before any request."""
 
     def stop(self) -> None:
@@ -280,88 +283,23 @@ class BatchScheduler:
                 if not r.done]
 
     def _fail_all(self, error: BaseException) -> None:
+        """End every request held with ``error`` and empty the batch (a subclass empties
+        its own state too)."""
         for request in self._held():
             self._finish(request, error)
         self._rows, self._waiting, self._admitting = [], [], []
-        self._cache = self._mask = None
-        self._positions, self._last = [], []
 
+    @abstractmethod
     def _step(self) -> None:
-        self._waiting = [r for r in self._waiting if not self._dropped(r)]
-        free = self._max_sequences - len(self._rows)
-        if self._waiting and free > 0:
-            head = self._waiting[0]
-            if head.prefilled or len(head.prompt) > self._prefill_chunk:
-                self._prefill_long(head)
-            else:
-                # Short prompts that arrived together are prefilled together, within budget.
-                group: list[Request] = []
-                budget = self._prefill_chunk
-                for request in self._waiting:
-                    if len(group) == free or request.prefilled \
-                            or len(request.prompt) > budget:
-                        break
-                    group.append(request)
-                    budget -= len(request.prompt)
-                self._prefill_group(group)
-        if self._rows:
-            started = time.perf_counter()
-            self._decode()
-            self.decode_seconds += time.perf_counter() - started
+        """One step of the batch, run while the thread holds requests: admit what fits of
+        ``_waiting`` (minus the ``_dropped``) into ``_rows``, give each row its next token
+        and ``_accept`` it. An exception fails every request held (``_fail_all``)."""
 
     def _dropped(self, request: Request) -> bool:
         if request.cancelled.is_set():
             self._finish(request)
             return True
         return False
-
-    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any) -> tuple[Any, Any]:
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                          use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
-        return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
-
-    def _prefill_group(self, group: list[Request]) -> None:
-        """One left-padded forward pass over several whole prompts."""
-        import torch
-        from transformers import DynamicCache
-
-        device = self._model.device
-        length = max(len(r.prompt) for r in group)
-        ids = torch.zeros((len(group), length), dtype=torch.long, device=device)
-        mask = torch.zeros((len(group), length), dtype=torch.long, device=device)
-        for row, request in enumerate(group):
-            ids[row, length - len(request.prompt):] = torch.tensor(request.prompt)
-            mask[row, length - len(request.prompt):] = 1
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, DynamicCache())
-        for request in group:
-            self._waiting.remove(request)
-            request.prefilled = len(request.prompt)
-            request.seen = torch.tensor(sorted(set(request.prompt)), device=device)
-        self._admit(group, self._sample(logits, group), cache, mask)
-
-    def _prefill_long(self, request: Request) -> None:
-        """A long prompt, one chunk per step, so the batch keeps decoding meanwhile."""
-        import torch
-        from transformers import DynamicCache
-
-        device = self._model.device
-        start = request.prefilled
-        chunk = list(request.prompt[start:start + self._prefill_chunk])
-        end = start + len(chunk)
-        logits, request.cache = self._forward(
-            torch.tensor([chunk], device=device),
-            torch.ones((1, end), dtype=torch.long, device=device),
-            torch.arange(start, end, device=device)[None],
-            request.cache if request.cache is not None else DynamicCache())
-        request.prefilled = end
-        if end < len(request.prompt):
-            return  # the rest in later steps, between the batch's decoding steps
-        self._waiting.remove(request)
-        request.seen = torch.tensor(sorted(set(request.prompt)), device=device)
-        cache, request.cache = request.cache, None
-        self._admit([request], self._sample(logits, [request]), cache,
-                    torch.ones((1, end), dtype=torch.long, device=device))
 
     def _accept(self, request: Request, token: int) -> bool:
         """Record and emit a token; whether the request goes on."""
@@ -379,106 +317,6 @@ class BatchScheduler:
             self._finish(request)
             return False
         return True
-
-    def _admit(self, requests: list[Request], tokens: Any, cache: Any, mask: Any) -> None:
-        """Emit the first tokens of freshly prefilled requests and merge the ones that go on
-        into the running batch (both caches left-padded to a common length)."""
-        import torch
-        from transformers import DynamicCache
-
-        self._admitting = requests
-        keep = [row for row, request in enumerate(requests)
-                if self._accept(request, int(tokens[row]))]
-        if not keep:
-            self._admitting = []
-            return
-        if len(keep) < len(requests):
-            index = torch.tensor(keep, device=mask.device)
-            cache.batch_select_indices(index)
-            mask = mask[index]
-        new = [(layer.keys, layer.values) for layer in cache.layers]
-        if self._cache is None:
-            self._cache, self._mask = DynamicCache(ddp_cache_data=new), mask
-        else:
-            old = [(layer.keys, layer.values) for layer in self._cache.layers]
-            length = max(old[0][0].shape[-2], new[0][0].shape[-2])
-            merged = [(torch.cat([pad_left(ok, length), pad_left(nk, length)]),
-                       torch.cat([pad_left(ov, length), pad_left(nv, length)]))
-                      for (ok, ov), (nk, nv) in zip(old, new, strict=True)]
-            self._cache = DynamicCache(ddp_cache_data=merged)
-            self._mask = torch.cat([pad_mask_left(self._mask, length), pad_mask_left(mask, length)])
-        for row in keep:
-            self._rows.append(requests[row])
-            self._positions.append(len(requests[row].prompt))
-            self._last.append(int(tokens[row]))
-        self._admitting = []
-        self.max_batch = max(self.max_batch, len(self._rows))
-
-    def _decode(self) -> None:
-        import torch
-
-        device = self._model.device
-        rows = len(self._rows)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=1)
-        logits, self._cache = self._forward(
-            torch.tensor(self._last, device=device)[:, None], self._mask,
-            torch.tensor(self._positions, device=device)[:, None], self._cache)
-        self.steps += 1
-        tokens = self._sample(logits, self._rows)
-        keep: list[int] = []
-        for index, request in enumerate(self._rows):
-            self._positions[index] += 1
-            self._last[index] = int(tokens[index])
-            if self._accept(request, int(tokens[index])):
-                keep.append(index)
-        if len(keep) < rows:
-            self._select(keep)
-
-    def _select(self, keep: list[int]) -> None:
-        import torch
-
-        if not keep:
-            self._rows, self._positions, self._last = [], [], []
-            self._cache = self._mask = None
-            return
-        index = torch.tensor(keep, device=self._mask.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        self._rows = [self._rows[i] for i in keep]
-        self._positions = [self._positions[i] for i in keep]
-        self._last = [self._last[i] for i in keep]
-        # Drop leading columns that are padding in every row.
-        lead = int((self._mask.sum(dim=0) > 0).nonzero()[0])
-        if lead:
-            self._mask = self._mask[:, lead:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[..., lead:, :]
-                layer.values = layer.values[..., lead:, :]
-
-    def _sample(self, logits: Any, requests: Sequence[Request]) -> Any:
-        import torch
-
-        for row, request in enumerate(requests):
-            penalty = request.params.repetition_penalty
-            if penalty != 1.0:
-                scores = logits[row, request.seen]
-                logits[row, request.seen] = torch.where(scores < 0, scores * penalty,
-                                                        scores / penalty)
-        tokens = logits.argmax(dim=-1)
-        sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0]
-        if sampled:
-            index = torch.tensor(sampled, device=logits.device)
-            temperatures = torch.tensor([requests[i].params.temperature for i in sampled],
-                                        device=logits.device)[:, None]
-            probs = torch.softmax(logits[index] / temperatures, dim=-1)
-            top_p = torch.tensor([requests[i].params.top_p for i in sampled],
-                                 device=logits.device)[:, None]
-            ordered, order = probs.sort(dim=-1, descending=True)
-            outside = ordered.cumsum(dim=-1) - ordered > top_p
-            ordered[outside] = 0.0
-            choice = torch.multinomial(ordered, 1)
-            tokens[index] = order.gather(-1, choice).squeeze(-1)
-        return tokens
 
 
 def _deliver(items: list[tuple[Emit, Any]]) -> None:
