@@ -1,8 +1,9 @@
 """Continuous batching over a slot KV cache (``slot_cache.py``): the engine for decoder-only
 models whose attention goes through transformers' ``AttentionInterface``.
 
-The thread, the queue, admission order and chunked prefill are ``BatchScheduler``'s; what
-differs is where the cache lives and how a step runs:
+The thread and the queue are ``BatchScheduler``'s, and admission order and chunked prefill
+follow the eager path's (``eager_scheduler.py``); what differs is where the cache lives and
+how a step runs:
 
 - Prompts are prefilled straight into the rows after the batch's (``B…``), packed without
   padding into one sequence: the prompts that arrived together whole, a long one a chunk per
@@ -15,6 +16,8 @@ differs is where the cache lives and how a step runs:
   captured at start-up for each batch-size bucket and attention width
   (``cuda_graphs.py``); the cache is then allocated once, sized from free memory. On the
   CPU the cache grows with the conversations it holds.
+- On the CPU the model's linear layers are packed for oneDNN while the engine runs
+  (``packed_linear.py``): most of a CPU step is those products.
 - A step reads its inputs from device tensors (each row's next token and length) that it
   advances itself, samples on the device (``sampling.py``) and brings the sampled tokens to
   the host once: one host sync per step.
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bot.errors import GenerationError
+from bot.generators.packed_linear import Packed, pack, unpack
 from bot.generators.padding import pad_right
 from bot.generators.sampling import Sampler
 from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request
@@ -82,6 +86,7 @@ class SlotScheduler(BatchScheduler):
         self._active: Any = None
         self._widths: Any = None
         self._graphs: Any = None
+        self._packed_linears: Packed | None = None
 
     @property
     def window(self) -> int:
@@ -113,6 +118,7 @@ class SlotScheduler(BatchScheduler):
                                 dtype=model.dtype, growable=not self._cuda)
         vocab = model.get_output_embeddings().weight.shape[0]
         self._sampler = Sampler(slots, vocab, device)
+        self._packed_linears = pack(model)  # after reading the weights' shapes
         self._next = torch.zeros(slots, dtype=torch.long, device=device)
         self._lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self._active = torch.zeros(slots, dtype=torch.bool, device=device)
@@ -144,6 +150,8 @@ class SlotScheduler(BatchScheduler):
 
     def stop(self) -> None:
         super().stop()
+        unpack(self._packed_linears)
+        self._packed_linears = None
         uninstall(self._model, self._attention)
 
     # Growth (CPU only: a CUDA cache is allocated once, at its full size).
