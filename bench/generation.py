@@ -8,14 +8,17 @@ work. Per strategy and N it prints aggregate generated tokens/s, the ratio to se
 time to first token p50/p95 and whole-reply latency p50/p95; Chinwag's row adds
 ``step_ms=`` (wall time per decoding step) and ``graphs=<replays>/<steps> (<pct>%)`` (steps
 that replayed a CUDA graph). The static batch has every request present at the start by
-definition (the spread does not apply to it). ``--agreement K`` checks that Chinwag's first
+definition (the spread does not apply to it). Every strategy runs ``--repeat`` rounds
+(default 3), interleaved, and each row is its round with the median rate (``runs=`` lists
+them all): the machine may be shared and noisy. ``--agreement K`` checks that Chinwag's first
 32 greedy tokens are the same batched as alone. The last line sums up N = 16 (or the
 largest N run): ``N=<n> chinwag=<tok/s> x_sequential= x_transformers_cb= x_static=
 ttft_p95= cb_ttft_p95= config=``.
 
 Usage: python bench/generation.py [--n 1,4,16,32] [--tokens 32] [--spread 1.0]
        [--model builtin|<folder>] [--device cpu|cuda] [--random-small | --random-large]
-       [--strategies seq,cb,cbgraph,static,chinwag,chinwag2p] [--seq-max N] [--agreement K]
+       [--strategies seq,cb,cbgraph,static,chinwag,chinwag2p] [--seq-max N] [--repeat R]
+       [--agreement K]
 """
 
 from __future__ import annotations
@@ -350,6 +353,9 @@ def main() -> None:
                         help="random weights of the SmolLM2-135M shape")
     parser.add_argument("--random-large", action="store_true",
                         help="random weights of a ~1.7B Llama shape")
+    parser.add_argument("--repeat", type=int, default=3, metavar="R",
+                        help="rounds of every strategy, interleaved; each row is the round "
+                             "with the median rate (this machine may be shared and noisy)")
     parser.add_argument("--agreement", type=int, default=0, metavar="K",
                         help="check K prompts' first 32 greedy tokens batched vs alone")
     args = parser.parse_args()
@@ -375,39 +381,50 @@ def main() -> None:
     summary: dict[str, dict[str, float]] = {}
     for n in sizes:
         prompts = prompt_ids(tokenizer, n)
-        sequential_rate = None
-        for key in args.strategies.split(","):
-            name, run = STRATEGIES[key]
-            if key == "seq" and args.seq_max and n > args.seq_max:
-                # Sequential cost is linear in N: extrapolate from the largest measured N.
-                print(f"{name:<{WIDTH}}{n:>4}   (not run above N={args.seq_max}; its rate does "
-                      "not grow with N)")
-                continue
-            try:
-                timings = isolated(run, model, prompts, args.tokens,
-                                   args.spread if n > 1 else 0.0)
-            except (ImportError, Unavailable) as exc:  # not in this transformers, not a GPU
-                print(f"{name:<{WIDTH}}{n:>4}   (not available: {exc})")
-                continue
-            except Exception as exc:
-                if not key.startswith("cb"):
-                    raise
-                # transformers' own manager failing is a finding, not a reason to lose the run.
-                print(f"{name:<{WIDTH}}{n:>4}   (failed: {type(exc).__name__}: {exc})")
-                continue
-            wall = max(t.done for t in timings) - min(t.arrived for t in timings)
-            rate = sum(t.tokens for t in timings) / wall
+        keys = [key for key in args.strategies.split(",")
+                if not (key == "seq" and args.seq_max and n > args.seq_max)]
+        if len(keys) < len(args.strategies.split(",")):
+            # Sequential cost is linear in N: extrapolate from the largest measured N.
+            print(f"{STRATEGIES['seq'][0]:<{WIDTH}}{n:>4}   (not run above N={args.seq_max}; "
+                  "its rate does not grow with N)")
+        runs: dict[str, list[tuple[float, list[Timing], str]]] = {}
+        for _round in range(args.repeat):  # rounds interleave the strategies: noise hits all
+            for key in list(keys):
+                name, run = STRATEGIES[key]
+                try:
+                    timings = isolated(run, model, prompts, args.tokens,
+                                       args.spread if n > 1 else 0.0)
+                except (ImportError, Unavailable) as exc:  # not in this transformers, no GPU
+                    print(f"{name:<{WIDTH}}{n:>4}   (not available: {exc})")
+                    keys.remove(key)
+                    continue
+                except Exception as exc:
+                    if not key.startswith("cb"):
+                        raise
+                    # transformers' own manager failing is a finding, not a lost run.
+                    print(f"{name:<{WIDTH}}{n:>4}   (failed: {type(exc).__name__}: {exc})")
+                    keys.remove(key)
+                    continue
+                wall = max(t.done for t in timings) - min(t.arrived for t in timings)
+                extra = step_figures(_ENGINE.pop("last", None)) \
+                    if key.startswith("chinwag") else ""
+                runs.setdefault(key, []).append(
+                    (sum(t.tokens for t in timings) / wall, timings, extra))
+        for key in keys:
+            # The round with the median rate, whole (its latencies with it).
+            rate, timings, extra = sorted(runs[key], key=lambda r: r[0])[len(runs[key]) // 2]
             if key == "seq":
-                sequential_rate = rate
                 args.last_sequential = rate
-            base = sequential_rate or getattr(args, "last_sequential", None)
+            base = getattr(args, "last_sequential", None)
             ratio = rate / base if base else float("nan")
             ttft = [t.first - t.arrived for t in timings]
             latency = [t.done - t.arrived for t in timings]
-            extra = step_figures(_ENGINE.pop("last", None)) if key.startswith("chinwag") else ""
-            print(f"{name:<{WIDTH}}{n:>4}{rate:>9.1f}{ratio:>7.2f}{percentile(ttft, .5):>10.3f}"
-                  f"{percentile(ttft, .95):>10.3f}{percentile(latency, .5):>9.3f}"
-                  f"{percentile(latency, .95):>9.3f}{extra}", flush=True)
+            spread = f" runs={'/'.join(f'{r[0]:.0f}' for r in runs[key])}" \
+                if len(runs[key]) > 1 else ""
+            print(f"{STRATEGIES[key][0]:<{WIDTH}}{n:>4}{rate:>9.1f}{ratio:>7.2f}"
+                  f"{percentile(ttft, .5):>10.3f}{percentile(ttft, .95):>10.3f}"
+                  f"{percentile(latency, .5):>9.3f}{percentile(latency, .95):>9.3f}{extra}"
+                  f"{spread}", flush=True)
             summary.setdefault(str(n), {})[key] = rate
             summary[str(n)][f"{key}_ttft_p95"] = percentile(ttft, .95)
     if args.agreement:

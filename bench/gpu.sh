@@ -24,14 +24,16 @@ if [[ "${1:-}" == "--cpu" ]]; then
     # strategy included (cbgraph says it is not available off CUDA). In fp32, where greedy
     # tokens batched and alone must agree exactly (bf16 rounds differently per batch size).
     exec "$PYTHON" bench/generation.py --device cpu --dtype float32 --random-small --n 1,4 \
-        --tokens 8 --spread 0.2 --strategies seq,cb,cbgraph,static,chinwag --agreement 2
+        --tokens 8 --spread 0.2 --strategies seq,cb,cbgraph,static,chinwag --agreement 2 \
+        --repeat 1
 fi
 
 status=0
 part() {  # a title, then generation.py's arguments
     echo "== $1 =="
     shift
-    "$PYTHON" bench/generation.py --device cuda "$@" || { status=$?; echo "(failed: $status)"; }
+    # One round each: the device's minutes are few, and a GPU lent whole is not noisy.
+    "$PYTHON" bench/generation.py --device cuda --repeat 1 "$@" || { status=$?; echo "(failed: $status)"; }
 }
 
 ARRIVALS=(--n 1,16,64,256 --tokens 64 --spread 1.0 --strategies seq,cb,cbgraph,static,chinwag
