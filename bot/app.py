@@ -59,7 +59,8 @@ def make_generator(settings: Settings) -> Generator:
                                  dtype=settings.dtype, max_sequences=settings.max_sequences,
                                  max_queued=settings.max_queued,
                                  prefill_chunk=settings.max_batch_tokens,
-                                 workers=settings.workers)
+                                 workers=settings.workers,
+                                 prefix_cache_mb=settings.prefix_cache_mb)
 
 
 def make_model(settings: Settings, entry: ModelEntry) -> Generator:

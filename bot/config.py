@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     measures at start-up which count is fastest on this machine; ignored on a GPU."""
     max_batch_tokens: int = Field(512, ge=16)
     """Prompt tokens prefilled per scheduling step (a long prompt is fed in such chunks)."""
+    prefix_cache_mb: int = Field(1024, ge=0)
+    """Host memory kept for finished conversations' keys and values, so that the next turn
+    computes only what is new (decoder-only in-process models); 0: off."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     admins: Annotated[tuple[str, ...], NoDecode] = ()
     context_tokens: int = Field(2048, ge=256, le=1_000_000)

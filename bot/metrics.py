@@ -203,6 +203,10 @@ class _SchedulerCollector(Collector):
                                   buckets=buckets, sum_value=stats.step_seconds),
             CounterMetricFamily("chinwag_scheduler_tokens", "Tokens generated",
                                 value=stats.tokens),
+            CounterMetricFamily("chinwag_scheduler_prompt_tokens_reused", "Prompt tokens "
+                                "whose keys and values were kept from a finished "
+                                "conversation instead of computed",
+                                value=stats.prompt_tokens_reused),
             GaugeMetricFamily("chinwag_scheduler_tokens_per_second", "Tokens generated per "
                               f"second, over the last {RATE_WINDOW_S:g} s",
                               value=stats.tokens_per_second),

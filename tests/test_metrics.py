@@ -401,7 +401,7 @@ async def test_health_says_when_the_event_loop_is_stuck(
 async def test_the_schedulers_work_is_measured_and_a_stall_is_unhealthy() -> None:
     metrics, probes = Metrics(), Probes()
     async with TransformersGenerator(BUILTIN_MODEL, CACHE, "cpu", max_sequences=4,
-                                     stall_after=0.5) as model, \
+                                     stall_after=0.5, prefix_cache_mb=64) as model, \
             MetricsServer(metrics, probes, host="127.0.0.1", port=0) as server:
         probes.loaded(model)
         metrics.watch(model, model=BUILTIN_MODEL)
@@ -439,10 +439,17 @@ async def test_the_schedulers_work_is_measured_and_a_stall_is_unhealthy() -> Non
         await until(lambda: all(r.done for r in requests), "every request to end", within=60)
         await until(lambda: scheduler.health() is None, "healthy again")
         assert await probe(server.url, "/health") == (200, {"status": "ok"})
+        # The same prompt again, now that the others have ended: its keys and values are
+        # kept (all but its last token, whose logits are computed).
+        again = Request(prompt, GenerationParams(max_new_tokens=1, temperature=0.0),
+                        lambda item: None)
+        scheduler.submit(again)
+        await until(lambda: again.done, "the repeated prompt")
         done = await scrape(server.url)
+    assert done.value("chinwag_scheduler_prompt_tokens_reused_total") == len(prompt) - 1
     generated = sum(len(r.generated) for r in requests)
     assert generated == 3 * 12
-    assert done.value("chinwag_scheduler_tokens_total") == generated
+    assert done.value("chinwag_scheduler_tokens_total") == generated + 1
     assert done.value("chinwag_scheduler_queue_depth") == 0
     assert done.value("chinwag_scheduler_active_sequences") == 0
     assert done.value("chinwag_scheduler_tokens_per_second") > 0

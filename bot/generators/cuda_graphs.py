@@ -42,6 +42,17 @@ def widths(length: int) -> list[int]:
     return [*sizes, length]
 
 
+def bucket_of(rows: int) -> int:
+    """The batch size a step of ``rows`` rows runs at: the next power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
+def width_of(needed: int, length: int) -> int:
+    """The attention width a step runs at: the next power of two from ``MIN_WIDTH``, at
+    most the cache's length."""
+    return min(length, max(MIN_WIDTH, 1 << (needed - 1).bit_length()))
+
+
 class DecodeGraphs:
     def __init__(self, step: Callable[[int, int], Any], max_rows: int, length: int,
                  device: Any) -> None:

@@ -16,10 +16,14 @@ from bot.generators.slot_scheduler import SlotScheduler
 logger = logging.getLogger(__name__)
 
 
-def make_scheduler(model: Any, *, eos_ids: Sequence[int], **limits: Any) -> BatchScheduler:
+def make_scheduler(model: Any, *, eos_ids: Sequence[int], prefix_cache_bytes: int = 0,
+                   **limits: Any) -> BatchScheduler:
+    """``prefix_cache_bytes``: host memory for finished conversations' keys and values
+    (``prefix_cache.py``), which only the slot engine keeps."""
     reason = refusal(model)
     if reason is None:
-        return SlotScheduler(model, eos_ids=eos_ids, **limits)
+        return SlotScheduler(model, eos_ids=eos_ids, prefix_cache_bytes=prefix_cache_bytes,
+                             **limits)
     logger.warning("model %s runs on the eager path (no slot cache, no CUDA graphs: slower) "
                    "because %s", getattr(model.config, "name_or_path", "?") or "?", reason)
     return EagerScheduler(model, eos_ids=eos_ids, **limits)

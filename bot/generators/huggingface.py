@@ -84,7 +84,7 @@ class TransformersGenerator:
     def __init__(self, model: str, cache_dir: Path, device: str = "auto", *,
                  dtype: str = "auto", max_sequences: int = 32, max_queued: int = 256,
                  prefill_chunk: int = 512, workers: int | str = "auto",
-                 stall_after: float = STALL_AFTER_S) -> None:
+                 prefix_cache_mb: int = 0, stall_after: float = STALL_AFTER_S) -> None:
         self._model_name = model
         self._cache_dir = cache_dir
         self._device_setting = device
@@ -93,6 +93,8 @@ class TransformersGenerator:
         self._limits = {"max_sequences": max_sequences, "max_queued": max_queued,
                         "prefill_chunk": prefill_chunk}
         self._stall_after = stall_after
+        self._prefix_cache = prefix_cache_mb << 20
+        """Bytes of finished conversations kept for their next turn (decoder-only models)."""
         self._tokenizer: Any = None
         self._config: Any = None
         self._counter: TokenCounter | None = None
@@ -136,7 +138,8 @@ class TransformersGenerator:
                     model = None  # the workers load their own copies
         if model is not None:
             scheduler = make_scheduler(model, eos_ids=eos_ids(model), threads=threads,
-                                       stall_after=self._stall_after, **self._limits)
+                                       stall_after=self._stall_after,
+                                       prefix_cache_bytes=self._prefix_cache, **self._limits)
             await asyncio.to_thread(scheduler.start)  # waits while it prepares (graphs)
             self._scheduler = scheduler
             return
@@ -145,7 +148,8 @@ class TransformersGenerator:
                 model_files.load_tokenizer, self._model_name, self._cache_dir)
         pool = WorkerPool(self._model_name, self._cache_dir, processes,
                           dtype=str(dtype).removeprefix("torch."), threads=threads,
-                          stall_after=self._stall_after, **self._limits)
+                          stall_after=self._stall_after,
+                          prefix_cache_bytes=self._prefix_cache, **self._limits)
         await asyncio.to_thread(pool.start)
         self._scheduler = pool
 

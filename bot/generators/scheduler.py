@@ -239,7 +239,7 @@ class BatchScheduler(ABC):
                         self._fail_all(GenerationError(N_("the model is shutting down")))
                         return
                     self._waiting.append(item)
-                started, generated = time.monotonic(), self._generated
+                started, generated, reused = time.monotonic(), self._generated, self._reused()
                 try:
                     self._step()
                 except Exception as exc:  # torch raises RuntimeError for OOM and the like
@@ -249,10 +249,15 @@ class BatchScheduler(ABC):
                     self._fail_all(GenerationError(message))
                 self._flush()
                 now = time.monotonic()
-                self._meter.record(now - started, self._generated - generated)
+                self._meter.record(now - started, self._generated - generated,
+                                   self._reused() - reused)
                 with self._count_lock:
                     self._stepped = now
                     self._running = len(self._rows)
+
+    def _reused(self) -> int:
+        """Prompt tokens so far whose keys and values were copied, not computed."""
+        return 0
 
     def _finish(self, request: Request, outcome: BaseException | None = None) -> None:
         request.cache = None

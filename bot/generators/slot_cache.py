@@ -27,6 +27,34 @@ logger = logging.getLogger(__name__)
 ATTENTION = "chinwag_slots"
 LENGTH_STEP = 256
 """The cache's length grows (where it may) in multiples of this many positions."""
+MEMORY_SHARE = 0.5
+"""Of a GPU's free memory at start-up, the share the KV cache may take."""
+
+
+def window(config: Any) -> int:
+    """The model's window: the longest conversation it was made for."""
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+def fitting_length(config: Any, slots: int, device: Any, dtype: Any) -> int:
+    """The length of a CUDA cache of ``slots`` rows: the model's window, or what
+    ``MEMORY_SHARE`` of the free memory holds (a multiple of ``LENGTH_STEP``), whichever
+    is shorter."""
+    import torch
+
+    probe = SlotCache(config, slots=1, length=1, device=device, dtype=dtype, growable=False)
+    per_token = probe.bytes_per_token()
+    del probe
+    free, _total = torch.cuda.mem_get_info(device)
+    fits = int(free * MEMORY_SHARE) // (per_token * slots)
+    length = min(window(config), fits // LENGTH_STEP * LENGTH_STEP)
+    if length < min(window(config), LENGTH_STEP):
+        raise RuntimeError(f"too little GPU memory for a KV cache of {slots} "
+                           f"conversations: lower CHINWAG_MAX_SEQUENCES")
+    if length < window(config):
+        logger.info("KV cache: %s conversations of at most %s tokens (the model's "
+                    "window is %s; memory allows no more)", slots, length, window(config))
+    return length
 
 
 def refusal(model: Any) -> str | None:

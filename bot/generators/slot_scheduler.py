@@ -31,8 +31,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from bot.errors import GenerationError
+from bot.generators.cuda_graphs import bucket_of, width_of
 from bot.generators.packed_linear import Packed, pack, unpack
 from bot.generators.padding import pad_right
+from bot.generators.prefix_cache import Parked, PrefixCache
 from bot.generators.sampling import Sampler
 from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request
 from bot.generators.slot_cache import (
@@ -40,20 +42,16 @@ from bot.generators.slot_cache import (
     Segment,
     SlotCache,
     SlotView,
+    fitting_length,
     install,
     uninstall,
+    window,
 )
 from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
 
 CPU_START_ROWS = 4
-MEMORY_SHARE = 0.5
-"""Of the device's free memory at start-up, the share the KV cache may take."""
-
-
-def _window(config: Any) -> int:
-    return int(getattr(config, "max_position_embeddings", None) or 2048)
 
 
 class SlotScheduler(BatchScheduler):
@@ -61,7 +59,7 @@ class SlotScheduler(BatchScheduler):
                  max_queued: int = 256, prefill_chunk: int = 512,
                  stall_after: float = STALL_AFTER_S, threads: int | None = None,
                  cache_length: int | None = None, graphs: bool | None = None,
-                 static_shapes: bool = False) -> None:
+                 static_shapes: bool = False, prefix_cache_bytes: int = 0) -> None:
         super().__init__(model, eos_ids=eos_ids, max_sequences=max_sequences,
                          max_queued=max_queued, prefill_chunk=prefill_chunk,
                          stall_after=stall_after, threads=threads)
@@ -70,7 +68,7 @@ class SlotScheduler(BatchScheduler):
         self._static_shapes = static_shapes or self._cuda
         """Decode over batch and width buckets with the step's own state updates: what a
         CUDA graph captures. On the CPU only tests ask for it (``static_shapes``)."""
-        self._limit = _window(model.config)
+        self._limit = window(model.config)
         """A row ends when its next token would not fit: at the model's window, or (on CUDA)
         the cache's length."""
         self._cache_setting = cache_length
@@ -87,6 +85,11 @@ class SlotScheduler(BatchScheduler):
         self._widths: Any = None
         self._graphs: Any = None
         self._packed_linears: Packed | None = None
+        self.prefixes = PrefixCache(prefix_cache_bytes, pinned=self._cuda)
+        """Finished conversations' keys and values, for their next turn (``prefix_cache.py``;
+        a budget of 0 keeps none)."""
+        self._reusing: dict[Request, tuple[int, Parked]] = {}
+        """Waiting requests whose prompt starts as a parked conversation: how much of it."""
 
     @property
     def window(self) -> int:
@@ -107,8 +110,7 @@ class SlotScheduler(BatchScheduler):
             # for the process: a per-call context would race with other threads' calls.
             torch.backends.cuda.enable_cudnn_sdp(False)
             slots = self._max_sequences
-            length = self._cache_setting or self._cache_length(config, slots, device,
-                                                               model.dtype)
+            length = self._cache_setting or fitting_length(config, slots, device, model.dtype)
             self._limit = min(self._limit, length)
         else:
             slots = self._max_sequences if self._static_shapes else \
@@ -129,27 +131,9 @@ class SlotScheduler(BatchScheduler):
             self._graphs = DecodeGraphs(self._static_step, self._max_sequences, length, device)
             self._graphs.capture()
 
-    @staticmethod
-    def _cache_length(config: Any, slots: int, device: Any, dtype: Any) -> int:
-        import torch
-
-        probe = SlotCache(config, slots=1, length=1, device=device, dtype=dtype,
-                          growable=False)
-        per_token = probe.bytes_per_token()
-        del probe
-        free, _total = torch.cuda.mem_get_info(device)
-        fits = int(free * MEMORY_SHARE) // (per_token * slots)
-        length = min(_window(config), fits // LENGTH_STEP * LENGTH_STEP)
-        if length < min(_window(config), LENGTH_STEP):
-            raise RuntimeError(f"too little GPU memory for a KV cache of {slots} "
-                               f"conversations: lower CHINWAG_MAX_SEQUENCES")
-        if length < _window(config):
-            logger.info("KV cache: %s conversations of at most %s tokens (the model's "
-                        "window is %s; memory allows no more)", slots, length, _window(config))
-        return length
-
     def stop(self) -> None:
         super().stop()
+        self.prefixes.clear()
         unpack(self._packed_linears)
         self._packed_linears = None
         uninstall(self._model, self._attention)
@@ -181,6 +165,9 @@ class SlotScheduler(BatchScheduler):
     def _step(self) -> None:
         self._waiting = [r for r in self._waiting
                          if not self._dropped(r) and not self._too_long(r)]
+        if self._reusing:
+            self._reusing = {r: found for r, found in self._reusing.items()
+                             if r in self._waiting}
         plan = self._plan()
         if self._static_shapes:
             if plan:
@@ -207,22 +194,38 @@ class SlotScheduler(BatchScheduler):
 
     def _plan(self) -> list[tuple[Request, int, int]]:
         """This step's prompt chunks, ``(request, start, end)``: the head's next chunk when
-        it is long, else the short prompts that fit the chunk budget and the free rows."""
+        it is long, else the short prompts that fit the chunk budget and the free rows. A
+        new prompt starts past what a parked conversation gives it."""
         free = self._max_sequences - len(self._rows)
         if not self._waiting or free <= 0:
             return []
         head = self._waiting[0]
-        if head.prefilled or len(head.prompt) > self._prefill_chunk:
-            return [(head, head.prefilled,
-                     min(len(head.prompt), head.prefilled + self._prefill_chunk))]
+        start = self._start(head)
+        if head.prefilled or len(head.prompt) - start > self._prefill_chunk:
+            return [(head, start, min(len(head.prompt), start + self._prefill_chunk))]
         plan: list[tuple[Request, int, int]] = []
         budget = self._prefill_chunk
         for request in self._waiting:
-            if len(plan) == free or request.prefilled or len(request.prompt) > budget:
+            start = self._start(request)
+            if len(plan) == free or request.prefilled \
+                    or len(request.prompt) - start > budget:
                 break
-            plan.append((request, 0, len(request.prompt)))
-            budget -= len(request.prompt)
+            plan.append((request, start, len(request.prompt)))
+            budget -= len(request.prompt) - start
         return plan
+
+    def _start(self, request: Request) -> int:
+        """Where ``request``'s prompt goes on from: what it has prefilled, or for a new one
+        what a parked conversation gives it (all but its last token, whose logits are
+        needed; looked up once)."""
+        if request.prefilled or not self.prefixes.budget:
+            return request.prefilled
+        if request not in self._reusing:
+            found = self.prefixes.match(request.prompt, len(request.prompt) - 1)
+            if found[1] is None:
+                return 0
+            self._reusing[request] = (found[0], found[1])
+        return self._reusing[request][0]
 
     def _packed(self, plan: list[tuple[Request, int, int]], *, decode: bool) -> None:
         """One forward over the batch's next tokens (when ``decode``) and the planned prompt
@@ -232,11 +235,16 @@ class SlotScheduler(BatchScheduler):
         batch = len(self._rows) if decode else 0
         first = len(self._rows)
         for index, (request, start, _end) in enumerate(plan):
-            if start and request.row != first + index:  # the batch shrank meanwhile
+            if request.prefilled and request.row != first + index:  # the batch shrank
                 self._move(request.row, first + index, start)
             request.row = first + index
         longest = max([*self._host_lengths[:batch], *(end for _r, _s, end in plan)])
         self._ensure(first + len(plan), longest + 1)
+        for request, start, _end in plan:
+            if not request.prefilled and start:
+                _length, parked = self._reusing.pop(request)
+                self.prefixes.restore(parked, start,
+                                      self._slots.states[:, :, request.row, :, :start])
         device = self._slots.device
         ids: list[int] = []
         positions: list[int] = []
@@ -316,6 +324,7 @@ class SlotScheduler(BatchScheduler):
                 self._finish(request)
                 finished.append(row)
         for row in reversed(finished):
+            self._park(row)
             self._leave(row)
 
     def _sees(self, positions: Any, width: int) -> Any:
@@ -336,9 +345,9 @@ class SlotScheduler(BatchScheduler):
         """A decoding step over static shapes: a graph's replay where one was captured."""
         rows = len(self._rows)
         longest = max(self._host_lengths)
-        bucket = min(_bucket(rows), self._max_sequences)
+        bucket = min(bucket_of(rows), self._max_sequences)
         self._ensure(bucket, longest + 1)  # before the width: it may grow the cache (CPU)
-        width = _width(longest + 1, self._slots.length)
+        width = width_of(longest + 1, self._slots.length)
         if self._graphs is not None and self._graphs.replay(bucket, width):
             self.graph_replays += 1
             tokens = self._graphs.tokens[:rows].tolist()  # the step's one host sync
@@ -367,6 +376,18 @@ class SlotScheduler(BatchScheduler):
         self._lengths[:rows] += active
         return tokens
 
+    def _reused(self) -> int:
+        return self.prefixes.reused_tokens
+
+    def _park(self, row: int) -> None:
+        """Keep row ``row``'s keys and values for its conversation's next turn: its prompt
+        and reply but the last token, which was never fed."""
+        if not self.prefixes.budget:
+            return
+        request, length = self._rows[row], self._host_lengths[row]
+        tokens = [*request.prompt, *request.generated][:length]
+        self.prefixes.park(tokens, self._slots.states[:, :, row, :, :length])
+
     def _leave(self, row: int) -> None:
         """Row ``row`` is done: the last row takes its place."""
         last = len(self._rows) - 1
@@ -382,15 +403,5 @@ class SlotScheduler(BatchScheduler):
     def _fail_all(self, error: BaseException) -> None:
         super()._fail_all(error)
         self._host_lengths = []
+        self._reusing = {}
         self._active.zero_()
-
-
-def _bucket(rows: int) -> int:
-    """The batch size a step of ``rows`` rows runs at: the next power of two."""
-    return 1 << (rows - 1).bit_length()
-
-
-def _width(needed: int, length: int) -> int:
-    """The attention width a step runs at: the next power of two from 128, at most the
-    cache's length."""
-    return min(length, max(128, 1 << (needed - 1).bit_length()))

@@ -36,6 +36,9 @@ class SchedulerStats:
     """Steps per bucket of ``STEP_BUCKETS_S``, the last one past every bound (not
     cumulative)."""
     tokens_per_second: float = 0.0
+    prompt_tokens_reused: int = 0
+    """Prompt tokens whose keys and values came from a finished conversation
+    (``prefix_cache.py``) instead of being computed."""
 
     def __add__(self, other: SchedulerStats) -> SchedulerStats:
         """Two schedulers' work together (a pool's workers)."""
@@ -45,12 +48,14 @@ class SchedulerStats:
             step_seconds=self.step_seconds + other.step_seconds,
             step_buckets=tuple(a + b for a, b in zip(self.step_buckets, other.step_buckets,
                                                      strict=True)),
-            tokens_per_second=self.tokens_per_second + other.tokens_per_second)
+            tokens_per_second=self.tokens_per_second + other.tokens_per_second,
+            prompt_tokens_reused=self.prompt_tokens_reused + other.prompt_tokens_reused)
 
     def counters(self) -> SchedulerStats:
         """Only what it did (a worker that died does not wait or run anything)."""
         return SchedulerStats(steps=self.steps, tokens=self.tokens,
-                              step_seconds=self.step_seconds, step_buckets=self.step_buckets)
+                              step_seconds=self.step_seconds, step_buckets=self.step_buckets,
+                              prompt_tokens_reused=self.prompt_tokens_reused)
 
 
 class StepMeter:
@@ -66,12 +71,14 @@ class StepMeter:
         self._recent: deque[tuple[float, int]] = deque()
         """``(when, tokens)`` of the steps within the rate window that made tokens."""
         self._recent_tokens = 0
+        self._reused = 0
 
-    def record(self, seconds: float, tokens: int) -> None:
+    def record(self, seconds: float, tokens: int, reused: int = 0) -> None:
         now = self._clock()
         with self._lock:
             self._steps += 1
             self._tokens += tokens
+            self._reused += reused
             self._seconds += seconds
             self._buckets[bisect.bisect_left(STEP_BUCKETS_S, seconds)] += 1
             if tokens:
@@ -85,7 +92,8 @@ class StepMeter:
             return SchedulerStats(
                 waiting=waiting, running=running, steps=self._steps, tokens=self._tokens,
                 step_seconds=self._seconds, step_buckets=tuple(self._buckets),
-                tokens_per_second=self._recent_tokens / RATE_WINDOW_S)
+                tokens_per_second=self._recent_tokens / RATE_WINDOW_S,
+                prompt_tokens_reused=self._reused)
 
     def _forget(self, now: float) -> None:
         while self._recent and self._recent[0][0] <= now - RATE_WINDOW_S:

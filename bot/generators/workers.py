@@ -107,7 +107,7 @@ class WorkerPool:
     def __init__(self, model: str, cache_dir: Path, workers: int, *, dtype: str = "float32",
                  threads: int = 1, max_sequences: int = 32,
                  max_queued: int = 256, prefill_chunk: int = 512,
-                 ready_timeout: float = READY_TIMEOUT_S,
+                 prefix_cache_bytes: int = 0, ready_timeout: float = READY_TIMEOUT_S,
                  heartbeat: float = worker_process.HEARTBEAT_S,
                  stall_after: float = STALL_AFTER_S,
                  kill_after: float = KILL_STALLED_AFTER_S) -> None:
@@ -123,7 +123,10 @@ class WorkerPool:
         # The queue limit is shared out, so the pool takes exactly what its workers take.
         self._limits = [{"max_sequences": max_sequences,
                          "max_queued": max_queued // workers + (i < max_queued % workers),
-                         "prefill_chunk": prefill_chunk} for i in range(workers)]
+                         "prefill_chunk": prefill_chunk,
+                         # Each worker keeps the conversations it served: a share each.
+                         "prefix_cache_bytes": prefix_cache_bytes // workers}
+                        for i in range(workers)]
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self._where: dict[int, _Worker] = {}

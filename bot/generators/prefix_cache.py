@@ -1,0 +1,122 @@
+"""Finished conversations' keys and values, kept for their next turn.
+
+A conversation's next prompt is its last prompt, the reply, and the new message: without
+this, every turn recomputes the whole conversation before its first token (on a CPU, about
+a second per thousand tokens of the built-in model). When a request ends, the slot engine
+parks the keys and values its row holds here, in host memory; a new request whose prompt
+starts with a parked conversation's tokens gets those positions copied into its row and
+computes only the rest. A position's keys and values depend only on the tokens up to it,
+so the reply is the one a full prefill would give (up to the rounding of a product computed
+with a different number of rows).
+
+Entries are evicted least recently used first, to stay within ``budget`` bytes; one that a
+longer conversation now extends (the same conversation, a turn later) is dropped at once.
+On CUDA the parked copies live in pinned host memory, copied to and from the device
+asynchronously on the step's stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MIN_REUSE = 16
+"""Fewest prompt tokens worth a copy instead of computing them."""
+
+
+@dataclass(eq=False)
+class Parked:
+    tokens: tuple[int, ...]
+    states: Any
+    """``[layers, 2, kv_heads, len(tokens), head_dim]``, on the host."""
+
+    @property
+    def size(self) -> int:
+        return int(self.states.numel() * self.states.element_size())
+
+
+class PrefixCache:
+    def __init__(self, budget: int, *, pinned: bool = False) -> None:
+        self.budget = budget
+        self._pinned = pinned
+        self._entries: list[Parked] = []
+        """Least recently used first."""
+        self.bytes = 0
+        self.reused_tokens = 0
+        """Prompt tokens copied from a parked conversation instead of computed."""
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def park(self, tokens: Sequence[int], states: Any) -> None:
+        """Keep ``states`` (a row's first ``len(tokens)`` positions, ``[layers, 2, kv_heads,
+        length, head_dim]``, on any device) as the keys and values of ``tokens``."""
+        import torch
+
+        if len(tokens) < MIN_REUSE:
+            return
+        size = states.numel() * states.element_size()
+        if size > self.budget:
+            return
+        kept = tuple(tokens)
+        # The same conversation a turn ago, or a shorter branch of it: this one serves both.
+        for entry in [e for e in self._entries if kept[:len(e.tokens)] == e.tokens]:
+            self._drop(entry)
+        while self._entries and self.bytes + size > self.budget:
+            self._drop(self._entries[0])
+        copy = torch.empty(states.shape, dtype=states.dtype, device="cpu",
+                           pin_memory=self._pinned)
+        copy.copy_(states, non_blocking=self._pinned)
+        self._entries.append(Parked(kept, copy))
+        self.bytes += size
+
+    def match(self, prompt: Sequence[int], limit: int) -> tuple[int, Parked | None]:
+        """The parked conversation sharing the longest start with ``prompt`` and how many of
+        its tokens (at most ``limit``) it shares: ``(0, None)`` below ``MIN_REUSE``."""
+        best, found = 0, None
+        if not prompt:
+            return 0, None
+        for entry in self._entries:
+            if entry.tokens[0] != prompt[0]:
+                continue
+            shared = _common(entry.tokens, prompt, limit)
+            if shared > best:
+                best, found = shared, entry
+        if found is None or best < MIN_REUSE:
+            return 0, None
+        self._entries.remove(found)  # now the most recently used
+        self._entries.append(found)
+        return best, found
+
+    def restore(self, entry: Parked, length: int, target: Any) -> None:
+        """Copy ``entry``'s first ``length`` positions into ``target`` (a row's ``[layers,
+        2, kv_heads, length, head_dim]`` view)."""
+        target.copy_(entry.states[:, :, :, :length], non_blocking=self._pinned)
+        self.reused_tokens += length
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def _drop(self, entry: Parked) -> None:
+        self._entries.remove(entry)
+        self.bytes -= entry.size
+
+
+def _common(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many of their first ``limit`` tokens ``a`` and ``b`` share."""
+    limit = min(limit, len(a), len(b))
+    if list(a[:limit]) == list(b[:limit]):
+        return limit
+    low, high = 0, limit  # a[:low] == b[:low]; they differ before ``high``
+    while high - low > 1:  # halving with slice comparisons: C speed, not a Python loop
+        middle = (low + high) // 2
+        if list(a[low:middle]) == list(b[low:middle]):
+            low = middle
+        else:
+            high = middle
+    return low
