@@ -105,7 +105,8 @@ class Settings(BaseSettings):
     """Prompt tokens prefilled per scheduling step (a long prompt is fed in such chunks)."""
     prefix_cache_mb: int = Field(1024, ge=0)
     """Host memory kept for finished conversations' keys and values, so that the next turn
-    computes only what is new (decoder-only in-process models); 0: off."""
+    computes only what is new (decoder-only in-process models; at most an eighth of the
+    memory available when the model loads); 0: off."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     admins: Annotated[tuple[str, ...], NoDecode] = ()
     context_tokens: int = Field(2048, ge=256, le=1_000_000)

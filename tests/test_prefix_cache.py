@@ -4,6 +4,7 @@ would; the budget holds; a cancelled reply is kept too; long prompts reuse past 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,14 @@ from tests.auxil.waiting import until
 pytestmark = pytest.mark.model
 
 MB = 1 << 20
+CACHE = Path("~/.cache/chinwag").expanduser()
 
 
 @pytest.fixture(scope="module")
 def builtin() -> tuple[Any, Any]:
     """The built-in model in fp32 (a tiny random model's greedy tokens hardly depend on its
     keys and values: a reply from wrong ones would pass)."""
-    return model_files.load(BUILTIN_MODEL, Path("~/.cache/chinwag").expanduser(), "cpu",
-                            torch.float32)
+    return model_files.load(BUILTIN_MODEL, CACHE, "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,21 @@ def test_on_cuda_conversations_are_parked_in_pinned_host_memory() -> None:
     assert torch.equal(target.cpu(), entry.states[:, :, :, :150])
     torch.cuda.synchronize()
     assert target.abs().sum() > 0
+
+
+async def test_the_bot_keeps_at_most_an_eighth_of_the_memory_available(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from bot.generators import cpu_workers
+    from bot.generators.huggingface import PREFIX_SHARE, TransformersGenerator
+
+    asked = 1 << 30  # MiB: a petabyte
+    with caplog.at_level(logging.INFO, logger="bot.generators.huggingface"):
+        async with TransformersGenerator(BUILTIN_MODEL, CACHE, "cpu", workers=1,
+                                         prefix_cache_mb=asked) as model:
+            scheduler = model.scheduler
+            assert isinstance(scheduler, SlotScheduler)
+            budget = scheduler.prefixes.budget
+            available = cpu_workers.free_memory()
+    assert 0 < budget < asked << 20
+    assert budget < 2 * available * PREFIX_SHARE
+    assert f"CHINWAG_PREFIX_CACHE_MB={asked}: {budget >> 20} MiB kept at most" in caplog.text

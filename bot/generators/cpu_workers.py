@@ -46,7 +46,7 @@ class WorkerChoice:
 
 def choose(model: Any, cores: int) -> WorkerChoice:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    room = _free_memory() // 2
+    room = free_memory() // 2
     candidates = [k for k in (1, 2, 4, 8) if k <= min(cores, MAX_PROCESSES)
                   and cores % k == 0 and (k == 1 or k * model_bytes <= room)]
     rates = dict.fromkeys(candidates, 0.0)
@@ -89,7 +89,8 @@ def _rate(model: Any, processes: int, cores: int) -> float:
     return processes * rows * FORWARDS / max(took)
 
 
-def _free_memory() -> int:
+def free_memory() -> int:
+    """Host memory available now, in bytes."""
     try:
         with open("/proc/meminfo", encoding="utf-8") as info:
             for line in info:

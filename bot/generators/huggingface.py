@@ -44,6 +44,10 @@ from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
 
+PREFIX_SHARE = 0.125
+"""Of the host memory available at start-up, the most that finished conversations' keys and
+values may take (``CHINWAG_PREFIX_CACHE_MB`` is the limit below that)."""
+
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there a bf16 model's
@@ -94,7 +98,8 @@ class TransformersGenerator:
                         "prefill_chunk": prefill_chunk}
         self._stall_after = stall_after
         self._prefix_cache = prefix_cache_mb << 20
-        """Bytes of finished conversations kept for their next turn (decoder-only models)."""
+        """Bytes of finished conversations kept for their next turn (decoder-only models),
+        at most ``PREFIX_SHARE`` of the host memory available when the model loads."""
         self._tokenizer: Any = None
         self._config: Any = None
         self._counter: TokenCounter | None = None
@@ -136,10 +141,15 @@ class TransformersGenerator:
                 processes, threads = choice.processes, choice.threads
                 if processes > 1:
                     model = None  # the workers load their own copies
+        budget = min(self._prefix_cache, int(cpu_workers.free_memory() * PREFIX_SHARE))
+        if budget < self._prefix_cache:
+            logger.info("CHINWAG_PREFIX_CACHE_MB=%d: %d MiB kept at most, %.0f%% of the "
+                        "memory available", self._prefix_cache >> 20, budget >> 20,
+                        100 * PREFIX_SHARE)
         if model is not None:
             scheduler = make_scheduler(model, eos_ids=eos_ids(model), threads=threads,
                                        stall_after=self._stall_after,
-                                       prefix_cache_bytes=self._prefix_cache, **self._limits)
+                                       prefix_cache_bytes=budget, **self._limits)
             await asyncio.to_thread(scheduler.start)  # waits while it prepares (graphs)
             self._scheduler = scheduler
             return
@@ -149,7 +159,7 @@ class TransformersGenerator:
         pool = WorkerPool(self._model_name, self._cache_dir, processes,
                           dtype=str(dtype).removeprefix("torch."), threads=threads,
                           stall_after=self._stall_after,
-                          prefix_cache_bytes=self._prefix_cache, **self._limits)
+                          prefix_cache_bytes=budget, **self._limits)
         await asyncio.to_thread(pool.start)
         self._scheduler = pool
 
