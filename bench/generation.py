@@ -401,9 +401,11 @@ def main() -> None:
                 except Exception as exc:
                     if not key.startswith("cb"):
                         raise
-                    # transformers' own manager failing is a finding, not a lost run.
+                    # transformers' own manager failing is a finding, not a lost run; its
+                    # rounds that did run still count.
                     print(f"{name:<{WIDTH}}{n:>4}   (failed: {type(exc).__name__}: {exc})")
-                    keys.remove(key)
+                    if key not in runs:
+                        keys.remove(key)
                     continue
                 wall = max(t.done for t in timings) - min(t.arrived for t in timings)
                 extra = step_figures(_ENGINE.pop("last", None)) \

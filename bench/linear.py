@@ -45,46 +45,53 @@ def timed(function: Any, repeat: int = 3) -> float:
 def measure(model: Any, rows: list[int], rounds: int) -> list[tuple[int, float, float]]:
     import torch
 
-    from bot.generators.packed_linear import pack, unpack
     from bot.generators.torch_threads import intra_op_threads, use_threads
 
     use_threads(intra_op_threads())
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    results = []
-    for count in rows:
-        inputs = {m.in_features: torch.randn(count, m.in_features, dtype=model.dtype)
-                  for m in linears}
+    with torch.inference_mode():  # as the engine runs them
+        return [measure_rows(model, linears, count, rounds) for count in rows]
 
-        def run(inputs: dict[int, Any] = inputs) -> list[Any]:
-            return [m(inputs[m.in_features]) for m in linears]
 
-        plain_out = run()
+def measure_rows(model: Any, linears: list[Any], count: int,
+                 rounds: int) -> tuple[int, float, float]:
+    """Plain against packed passes at ``count`` rows: ``(count, plain ms, packed ms)``,
+    medians."""
+    import torch
+
+    from bot.generators.packed_linear import pack, unpack
+
+    inputs = {m.in_features: torch.randn(count, m.in_features, dtype=model.dtype)
+              for m in linears}
+
+    def run() -> list[Any]:
+        return [m(inputs[m.in_features]) for m in linears]
+
+    plain_out = run()
+    packed = pack(model)
+    if packed is None:
+        raise SystemExit("packing is not available here (see packed_linear.packable)")
+    try:
+        packed_out = run()
+        worst = max(float((a.float() - b.float()).abs().max())
+                    for a, b in zip(plain_out, packed_out, strict=True))
+    finally:
+        unpack(packed)
+    plain_ms, packed_ms = [], []
+    for _ in range(rounds):  # interleaved: the machine's noise falls on both
+        run()
+        plain_ms.append(timed(run))
         packed = pack(model)
-        if packed is None:
-            raise SystemExit("packing is not available here (see packed_linear.packable)")
         try:
-            packed_out = run()
-            worst = max(float((a.float() - b.float()).abs().max())
-                        for a, b in zip(plain_out, packed_out, strict=True))
+            run()
+            packed_ms.append(timed(run))
         finally:
             unpack(packed)
-        plain_ms, packed_ms = [], []
-        for _ in range(rounds):  # interleaved: the machine's noise falls on both
-            run()
-            plain_ms.append(timed(run))
-            packed = pack(model)
-            try:
-                run()
-                packed_ms.append(timed(run))
-            finally:
-                unpack(packed)
-        print(f"rows={count:<4} plain best {min(plain_ms):7.2f} median "
-              f"{statistics.median(plain_ms):7.2f} ms   packed best {min(packed_ms):7.2f} "
-              f"median {statistics.median(packed_ms):7.2f} ms   "
-              f"x_packed={statistics.median(plain_ms) / statistics.median(packed_ms):.2f}  "
-              f"max |diff| {worst:.2g}", flush=True)
-        results.append((count, statistics.median(plain_ms), statistics.median(packed_ms)))
-    return results
+    plain, packed_median = statistics.median(plain_ms), statistics.median(packed_ms)
+    print(f"rows={count:<4} plain best {min(plain_ms):7.2f} median {plain:7.2f} ms   "
+          f"packed best {min(packed_ms):7.2f} median {packed_median:7.2f} ms   "
+          f"x_packed={plain / packed_median:.2f}  max |diff| {worst:.2g}", flush=True)
+    return count, plain, packed_median
 
 
 def main() -> None:

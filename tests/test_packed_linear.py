@@ -4,6 +4,8 @@ while it runs."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -61,10 +63,24 @@ def test_packed_model_computes_the_same_and_unpack_restores_it(tied: bool) -> No
     assert torch.equal(during.argmax(-1), before.argmax(-1))
 
     unpack(packed)
-    assert all(m.weight is weights[id(m)] for m in linears(model))
+    assert all(torch.equal(m.weight, weights[id(m)]) for m in linears(model))
+    assert all(m.weight.requires_grad == weights[id(m)].requires_grad for m in linears(model))
     assert not any(hasattr(m, "_chinwag_packed") or "forward" in vars(m)
                    for m in linears(model))
     assert torch.equal(logits(model, ids), before)
+
+
+def test_the_plain_weights_packing_drops_are_freed_meanwhile() -> None:
+    """The module promises that memory stays as it was: a dropped plain weight must not be
+    kept alive (``Packed`` holding it for ``unpack`` doubles the linears' memory)."""
+    model = tiny(torch.float32, tied=False)
+    plain = [weakref.ref(m.weight) for m in linears(model)]
+    packed = pack(model)
+    assert packed is not None
+    gc.collect()
+    kept = sum(ref() is not None for ref in plain)
+    unpack(packed)
+    assert kept == 0, f"{kept} of {len(plain)} dropped plain weights still held while packed"
 
 
 def test_bf16_packs_only_where_the_cpu_has_bf16_and_other_dtypes_not_at_all() -> None:
@@ -127,7 +143,7 @@ def test_a_weight_onednn_refuses_leaves_the_model_as_it_was(
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refusing)
     assert pack(model) is None
     assert len(calls) == 3
-    assert all(m.weight is weights[id(m)] for m in linears(model))
+    assert all(torch.equal(m.weight, weights[id(m)]) for m in linears(model))
     assert not any(hasattr(m, "_chinwag_packed") or "forward" in vars(m)
                    for m in linears(model))
     assert torch.equal(logits(model, ids), before)

@@ -176,3 +176,21 @@ async def test_the_bot_keeps_at_most_an_eighth_of_the_memory_available(
     assert 0 < budget < asked << 20
     assert budget < 2 * available * PREFIX_SHARE
     assert f"CHINWAG_PREFIX_CACHE_MB={asked}: {budget >> 20} MiB kept at most" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA")
+def test_on_cuda_part_of_a_conversation_just_parked_is_restored_as_parked() -> None:
+    """A partial match restores a slice of the parked copy that is not contiguous: torch's
+    copy makes it contiguous on the host first, which must not read the pinned copy before
+    the device has filled it (the device is kept busy here, as a large step would)."""
+    cache = PrefixCache(1 << 30, pinned=True)
+    device = torch.device("cuda")
+    row = torch.randn(4, 2, 3, 300, 64, device=device)
+    expected = row[:, :, :, :150].cpu()
+    torch.cuda._sleep(2_000_000_000)  # type: ignore[no-untyped-call]  # about a second first
+    cache.park(list(range(200)), row[:, :, :, :200])
+    length, entry = cache.match([*range(150), 7], 1000)
+    assert length == 150 and entry is not None
+    target = torch.zeros(4, 2, 3, 150, 64, device=device)
+    cache.restore(entry, 150, target)
+    assert torch.equal(target.cpu(), expected)

@@ -4,13 +4,14 @@ A decoding step on the CPU is mostly matrix products of a few rows by every weig
 model. ``torch.nn.functional.linear`` hands each product to oneDNN or MKL with the weight
 in PyTorch's plain layout, which the library re-blocks, call after call; a weight reordered
 once into oneDNN's own blocked layout (what inductor's ``freezing`` does) skips that. On
-the 2-core AMD EPYC this was measured on (``bench/linear.py``), the 210 products of one
-step of the built-in model at 16 rows took 13 ms instead of 20 in bf16, and 19 ms instead
-of 45 in fp32.
+the 2-core AMD EPYC this was measured on (``bench/linear.py``), the 211 products of one
+step of the built-in model at 16 rows took 15 ms instead of 23 in bf16, and 24 ms instead
+of 59 in fp32.
 
 ``pack`` swaps each ``nn.Linear``'s forward for one that calls the packed weight and
-drops the plain weight (the packed one replaces it; memory stays as it was), ``unpack``
-restores both. Weights shared with another module (tied input and output embeddings) are
+drops the plain weight (the packed one replaces it; memory stays as it was); ``unpack``
+rebuilds the plain weight from the packed one (the same values) and gives the class's
+forward back. Weights shared with another module (tied input and output embeddings) are
 packed as a copy and left in place. Only where oneDNN runs the model's dtype natively:
 fp32 on x86, bf16 where the CPU has bf16 instructions.
 """
@@ -48,8 +49,9 @@ def packable(model: Any) -> str | None:
 class Packed:
     """What ``pack`` changed, for ``unpack``."""
 
-    modules: list[tuple[Any, Any, bool]] = field(default_factory=list)
-    """Each packed linear, its plain weight, and whether the weight was dropped from it."""
+    modules: list[tuple[Any, bool, bool]] = field(default_factory=list)
+    """Each packed linear, whether its plain weight was dropped (else it is shared and
+    stayed in place), and whether that weight required grad."""
 
 
 def pack(model: Any) -> Packed | None:
@@ -85,20 +87,23 @@ def _pack_one(module: Any, *, drop: bool, packed: Packed) -> None:
                                                                      ROWS_HINT)
     if drop:
         # An empty stand-in keeps ``model.dtype``/``device`` and what reads the weight's
-        # dtype; the packed copy is the weight meanwhile.
+        # dtype; the packed copy is the weight meanwhile (nothing here keeps the plain one).
         module.weight = torch.nn.Parameter(weight.new_empty(0), requires_grad=False)
     # On the instance: ``unpack`` deletes it and the class's forward is back.
     setattr(module, "forward", _packed_forward.__get__(module))  # noqa: B010
-    packed.modules.append((module, weight, drop))
+    packed.modules.append((module, drop, weight.requires_grad))
 
 
 def unpack(packed: Packed | None) -> None:
     """Give every packed linear its plain weight and forward back."""
+    import torch
+
     if packed is None:
         return
-    for module, weight, dropped in packed.modules:
+    for module, dropped, grad in packed.modules:
         if dropped:
-            module.weight = weight
+            module.weight = torch.nn.Parameter(module._chinwag_packed.to_dense(),
+                                               requires_grad=grad)
         del module.forward
         del module._chinwag_packed
     packed.modules.clear()

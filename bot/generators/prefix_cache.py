@@ -11,8 +11,10 @@ with a different number of rows).
 
 Entries are evicted least recently used first, to stay within ``budget`` bytes; one that a
 longer conversation now extends (the same conversation, a turn later) is dropped at once.
-On CUDA the parked copies live in pinned host memory, copied to and from the device
-asynchronously on the step's stream.
+On CUDA the parked copies live in pinned host memory, copied from the device without
+waiting; a restore waits for its entry's copy to have landed (an event), as a part of an
+entry is not contiguous and torch gathers such a source on the host before copying it.
+Pinned blocks come in powers of two, which is what such an entry counts against the budget.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ class Parked:
     tokens: tuple[int, ...]
     states: Any
     """``[layers, 2, kv_heads, len(tokens), head_dim]``, on the host."""
-
-    @property
-    def size(self) -> int:
-        return int(self.states.numel() * self.states.element_size())
+    size: int
+    """What it counts against the budget, in bytes."""
+    landed: Any = None
+    """On CUDA: the event after the copy from the device."""
 
 
 class PrefixCache:
@@ -60,6 +62,8 @@ class PrefixCache:
         if len(tokens) < MIN_REUSE:
             return
         size = states.numel() * states.element_size()
+        if self._pinned:
+            size = 1 << (size - 1).bit_length()  # the pinned allocator's block
         if size > self.budget:
             return
         kept = tuple(tokens)
@@ -71,7 +75,11 @@ class PrefixCache:
         copy = torch.empty(states.shape, dtype=states.dtype, device="cpu",
                            pin_memory=self._pinned)
         copy.copy_(states, non_blocking=self._pinned)
-        self._entries.append(Parked(kept, copy))
+        landed = None
+        if self._pinned:
+            landed = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            landed.record()
+        self._entries.append(Parked(kept, copy, size, landed))
         self.bytes += size
 
     def match(self, prompt: Sequence[int], limit: int) -> tuple[int, Parked | None]:
@@ -80,7 +88,7 @@ class PrefixCache:
         best, found = 0, None
         if not prompt:
             return 0, None
-        for entry in self._entries:
+        for entry in reversed(self._entries):  # the most recent first: it wins a tie
             if entry.tokens[0] != prompt[0]:
                 continue
             shared = _common(entry.tokens, prompt, limit)
@@ -95,6 +103,8 @@ class PrefixCache:
     def restore(self, entry: Parked, length: int, target: Any) -> None:
         """Copy ``entry``'s first ``length`` positions into ``target`` (a row's ``[layers,
         2, kv_heads, length, head_dim]`` view)."""
+        if entry.landed is not None:
+            entry.landed.synchronize()  # parked a step ago at most: a short wait, if any
         target.copy_(entry.states[:, :, :, :length], non_blocking=self._pinned)
         self.reused_tokens += length
 

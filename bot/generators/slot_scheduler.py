@@ -132,7 +132,14 @@ class SlotScheduler(BatchScheduler):
             self._graphs.capture()
 
     def stop(self) -> None:
+        thread = self._thread
         super().stop()
+        if thread is not None and thread.is_alive():
+            # A step still running uses the packed weights and the slot attention: taking
+            # them away would fail it in odd ways. The model stays as the engine left it.
+            logger.warning("the scheduler thread did not stop in time: the model keeps the "
+                           "engine's packed weights and attention")
+            return
         self.prefixes.clear()
         unpack(self._packed_linears)
         self._packed_linears = None
