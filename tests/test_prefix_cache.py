@@ -13,7 +13,7 @@ import torch
 
 from bot.config import BUILTIN_MODEL
 from bot.generators import model_files
-from bot.generators.prefix_cache import MIN_REUSE, PrefixCache
+from bot.generators.prefix_cache import MIN_REUSE, REMEMBERED, PrefixCache, Served
 from bot.generators.slot_scheduler import SlotScheduler
 from tests.auxil.schedulers import answers, greedy, running, submit
 from tests.auxil.waiting import until
@@ -141,6 +141,21 @@ def test_matching_finds_the_longest_shared_start_within_the_limit() -> None:
     cache.park([*range(120)], states(120))
     assert len(cache) == 2
     assert cache.match([*range(110)], 1000)[0] == 110
+
+
+def test_a_pool_remembers_what_each_worker_served() -> None:
+    served = Served()
+    served.remember(list(range(40)))
+    served.remember([7] * (MIN_REUSE - 1))  # too short to be kept anywhere
+    assert served.longest([*range(30), 99]) == 30
+    assert served.longest(list(range(40))) == 39  # its last token is always computed
+    assert served.longest([7] * 40) == 0
+    assert served.longest([*range(MIN_REUSE - 1), 99]) == 0
+    assert served.longest([]) == 0
+    for seed in range(REMEMBERED):  # the oldest is forgotten
+        served.remember([1000 + seed] * 20)
+    assert served.longest([*range(30), 99]) == 0
+    assert served.longest([1000 + REMEMBERED - 1] * 30) == 20
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA")

@@ -115,6 +115,31 @@ async def test_a_killed_worker_ends_its_streams_at_once_and_is_replaced(
     assert all(text.strip() for text in replies)
 
 
+async def test_a_conversations_next_turn_goes_to_the_worker_that_keeps_it() -> None:
+    async with TransformersGenerator(BUILTIN_MODEL, CACHE, "cpu", workers=2,
+                                     max_sequences=1, max_queued=0,
+                                     prefix_cache_mb=64) as generator:
+        pool = pool_of(generator)
+        first, second = pool._workers
+        # A long reply holds the first worker, so the conversation goes to the second.
+        long = generator.stream(ask("Count from one to a thousand."), tokens(2000),
+                                ignore_eos=True)
+        await anext(long)
+        assert (first.load, second.load) == (1, 0)
+        question = "What is the capital of France? Say it in a sentence."
+        reply = await whole(generator, question, 12)
+        await long.aclose()  # stopped: the first worker is idle again
+        await until(lambda: first.load == 0, "the long reply's end")
+        # Both idle: the least loaded would be the first; the second keeps the conversation.
+        turn = generator.stream([*ask(question), ChatMessage("assistant", reply),
+                                 ChatMessage("user", "And of Italy?")], tokens(4))
+        await anext(turn)
+        assert (first.load, second.load) == (0, 1)
+        await turn.aclose()
+        await until(lambda: pool.stats().prompt_tokens_reused > 0,
+                    "the second worker's report of what it reused", within=10)
+
+
 def test_a_start_that_times_out_raises_model_unavailable_and_leaves_no_process() -> None:
     pool = WorkerPool(BUILTIN_MODEL, CACHE, 2, ready_timeout=0.2)
     with pytest.raises(ModelUnavailable, match="did not load the model within"):

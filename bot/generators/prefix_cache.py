@@ -20,6 +20,8 @@ Pinned blocks come in powers of two, which is what such an entry counts against 
 from __future__ import annotations
 
 import logging
+from array import array
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 MIN_REUSE = 16
 """Fewest prompt tokens worth a copy instead of computing them."""
+REMEMBERED = 256
+"""Conversations a worker pool remembers per worker (``Served``)."""
 
 
 @dataclass(eq=False)
@@ -88,10 +92,11 @@ class PrefixCache:
         best, found = 0, None
         if not prompt:
             return 0, None
+        wanted = tuple(prompt)
         for entry in reversed(self._entries):  # the most recent first: it wins a tie
-            if entry.tokens[0] != prompt[0]:
+            if entry.tokens[0] != wanted[0]:
                 continue
-            shared = _common(entry.tokens, prompt, limit)
+            shared = _common(entry.tokens, wanted, limit)
             if shared > best:
                 best, found = shared, entry
         if found is None or best < MIN_REUSE:
@@ -117,15 +122,38 @@ class PrefixCache:
         self.bytes -= entry.size
 
 
-def _common(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """How many of their first ``limit`` tokens ``a`` and ``b`` share."""
+class Served:
+    """What a worker process has served, as the pool's parent sees it: the tokens of its
+    last ``REMEMBERED`` conversations, so that a conversation's next turn goes to the
+    worker that keeps its keys and values."""
+
+    def __init__(self) -> None:
+        self._seen: deque[array[int]] = deque(maxlen=REMEMBERED)
+
+    def remember(self, tokens: Sequence[int]) -> None:
+        if len(tokens) >= MIN_REUSE:
+            self._seen.append(array("l", tokens))
+
+    def longest(self, prompt: Sequence[int]) -> int:
+        """The most of ``prompt`` (but its last token) one of them shares, if worth it."""
+        if not prompt:
+            return 0
+        wanted = array("l", prompt)
+        best = max((_common(seen, wanted, len(wanted) - 1) for seen in self._seen
+                    if seen[0] == wanted[0]), default=0)
+        return best if best >= MIN_REUSE else 0
+
+
+def _common(a: Any, b: Any, limit: int) -> int:
+    """How many of their first ``limit`` tokens ``a`` and ``b`` (sequences of one type:
+    tuples, or arrays) share."""
     limit = min(limit, len(a), len(b))
-    if list(a[:limit]) == list(b[:limit]):
+    if a[:limit] == b[:limit]:
         return limit
     low, high = 0, limit  # a[:low] == b[:low]; they differ before ``high``
     while high - low > 1:  # halving with slice comparisons: C speed, not a Python loop
         middle = (low + high) // 2
-        if list(a[low:middle]) == list(b[low:middle]):
+        if a[low:middle] == b[low:middle]:
             low = middle
         else:
             high = middle

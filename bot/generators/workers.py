@@ -40,6 +40,7 @@ from typing import Any
 
 from bot.errors import Busy, GenerationError, ModelUnavailable
 from bot.generators import worker_process
+from bot.generators.prefix_cache import Served
 from bot.generators.scheduler import STALL_AFTER_S, Request
 from bot.generators.stats import SchedulerStats
 from bot.generators.worker_process import NEWS, READY, Failure, Heartbeat, Job, LoadFailed
@@ -86,6 +87,8 @@ class _Worker:
         self.restart_at: float | None = None
         self.failed: str | None = None
         """Given up: why."""
+        self.served = Served()
+        """What its prefix cache may hold (a replacement starts with none)."""
 
     def close(self) -> None:
         self.results.close()
@@ -120,6 +123,9 @@ class WorkerPool:
         self._heartbeat = heartbeat
         self._stall_after = stall_after
         self._kill_after = kill_after
+        self._affinity = prefix_cache_bytes > 0
+        """A conversation's next turn goes to the worker that served it (its keys and
+        values are kept there), while that worker has room."""
         # The queue limit is shared out, so the pool takes exactly what its workers take.
         self._limits = [{"max_sequences": max_sequences,
                          "max_queued": max_queued // workers + (i < max_queued % workers),
@@ -273,10 +279,17 @@ class WorkerPool:
             self._open()
 
     def submit(self, request: Request) -> None:
-        """Hand a request to the least-loaded worker, or raise ``Busy`` at once when every
-        worker is full (or restarting, or stalled)."""
+        """Hand a request to the worker that served its conversation, else to the
+        least-loaded one; raise ``Busy`` at once when every worker is full (or restarting,
+        or stalled)."""
         with self._lock:
-            worker = min(self._open(), key=lambda w: w.load)
+            open_ = self._open()
+            worker = min(open_, key=lambda w: w.load)
+            if self._affinity:
+                shared = {w: w.served.longest(request.prompt) for w in open_}
+                keeper = max(open_, key=lambda w: (shared[w], -w.load))
+                if shared[keeper]:
+                    worker = keeper
             request_id = self._next_id
             self._next_id += 1
             worker.load += 1
@@ -332,6 +345,11 @@ class WorkerPool:
             return
         with self._lock:
             request = self._requests.get(request_id)
+            if self._affinity and request is not None:
+                if isinstance(item, int):
+                    request.generated.append(item)
+                elif item is None:  # its worker keeps what it computed
+                    worker.served.remember([*request.prompt, *request.generated])
             if item is None or isinstance(item, Failure):
                 self._requests.pop(request_id, None)
                 if self._where.pop(request_id, None) is not None:
@@ -429,6 +447,9 @@ class WorkerPool:
             for request_id, request in list(self._requests.items()):
                 if request.cancelled.is_set() and request_id in self._where:
                     del self._requests[request_id]
+                    if self._affinity:  # stopped: its worker keeps what it computed
+                        self._where[request_id].served.remember(
+                            [*request.prompt, *request.generated])
                     try:
                         self._where[request_id].jobs.put(request_id)
                     except (ValueError, OSError):  # its worker died; _lost ends it
