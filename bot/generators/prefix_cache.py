@@ -1,8 +1,9 @@
 """Finished conversations' keys and values, kept for their next turn.
 
 A conversation's next prompt is its last prompt, the reply, and the new message: without
-this, every turn recomputes the whole conversation before its first token (on a CPU, about
-a second per thousand tokens of the built-in model). When a request ends, the slot engine
+this, every turn recomputes the whole conversation before its first token (on this
+project's 2-core CPU, 0.53 s for a 739-token conversation of the built-in model, against
+0.06 s with it: ``bench/turns.py``). When a request ends, the slot engine
 parks the keys and values its row holds here, in host memory; a new request whose prompt
 starts with a parked conversation's tokens gets those positions copied into its row and
 computes only the rest. A position's keys and values depend only on the tokens up to it,
@@ -19,14 +20,11 @@ Pinned blocks come in powers of two, which is what such an entry counts against 
 
 from __future__ import annotations
 
-import logging
 from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 MIN_REUSE = 16
 """Fewest prompt tokens worth a copy instead of computing them."""

@@ -16,6 +16,9 @@ how a step runs:
   captured at start-up for each batch-size bucket and attention width
   (``cuda_graphs.py``); the cache is then allocated once, sized from free memory. On the
   CPU the cache grows with the conversations it holds.
+- A request that ends leaves its row's keys and values in the prefix cache
+  (``prefix_cache.py``); a new prompt that starts as one of those did (the conversation's
+  next turn) gets them copied into its row and prefills only the rest.
 - On the CPU the model's linear layers are packed for oneDNN while the engine runs
   (``packed_linear.py``): most of a CPU step is those products.
 - A step reads its inputs from device tensors (each row's next token and length) that it
