@@ -209,3 +209,26 @@ def test_on_cuda_part_of_a_conversation_just_parked_is_restored_as_parked() -> N
     target = torch.zeros(4, 2, 3, 150, 64, device=device)
     cache.restore(entry, 150, target)
     assert torch.equal(target.cpu(), expected)
+
+
+def test_a_pool_weighs_a_kept_conversation_against_load() -> None:
+    from types import SimpleNamespace
+
+    from bot.generators.workers import LOAD_TOKENS, keeper
+
+    system = list(range(100, 130))  # a system prompt every conversation starts with
+    conversation = [*system, *range(500, 500 + 2 * LOAD_TOKENS)]
+    busy = SimpleNamespace(served=Served(), load=1)
+    idle = SimpleNamespace(served=Served(), load=0)
+    busy.served.remember(conversation)
+    idle.served.remember([*system, 1, 2, 3])
+    # A new conversation: both keep only the system prompt; the idle worker takes it.
+    assert keeper([busy, idle], [*system, 7, 8, 9]) is idle
+    # This conversation's next turn: what the busy worker keeps outweighs one request.
+    assert keeper([busy, idle], [*conversation, 4, 5]) is busy
+    # Not two requests' worth, though.
+    busy.load = 3
+    assert keeper([busy, idle], [*conversation, 4, 5]) is idle
+    # Equals: the least loaded.
+    idle.load, busy.load = 2, 1
+    assert keeper([idle, busy], [*system, 7]) is busy

@@ -5,8 +5,9 @@ Small matrix products do not always spread well over threads, so on some CPUs se
 processes out-run one process with every thread: ``CHINWAG_WORKERS=auto`` measures which
 at start-up (``cpu_workers.py``). Each worker (``worker_process.py``) loads its own copy of
 the model and runs the scheduler ``engine.make_scheduler`` picks; the parent hands each
-request to the least-loaded worker and streams its tokens back. On a GPU, one process owns
-the device: use the in-process scheduler.
+request to the least-loaded worker (with the prefix cache on, to the one that keeps most of
+its conversation, weighed against load: ``keeper``) and streams its tokens back. On a GPU,
+one process owns the device: use the in-process scheduler.
 
 Each worker gets the limits of its share of the pool, and the parent never hands a worker
 more than that, so a worker's scheduler never refuses a job: beyond the pool's limits the
@@ -34,6 +35,7 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,9 @@ RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 LOAD_ATTEMPTS = 3
 """Starts in a row whose load reports an error, after which the worker is given up."""
 KILL_STALLED_AFTER_S = 60.0
+LOAD_TOKENS = 256
+"""Prompt tokens a worker's keeping of a conversation must save to be worth one more
+request ahead of it."""
 
 
 class _Worker:
@@ -279,17 +284,13 @@ class WorkerPool:
             self._open()
 
     def submit(self, request: Request) -> None:
-        """Hand a request to the worker that served its conversation, else to the
-        least-loaded one; raise ``Busy`` at once when every worker is full (or restarting,
-        or stalled)."""
+        """Hand a request to a worker (``keeper``, or the least loaded without a prefix
+        cache); raise ``Busy`` at once when every worker is full (or restarting, or
+        stalled)."""
         with self._lock:
             open_ = self._open()
-            worker = min(open_, key=lambda w: w.load)
-            if self._affinity:
-                shared = {w: w.served.longest(request.prompt) for w in open_}
-                keeper = max(open_, key=lambda w: (shared[w], -w.load))
-                if shared[keeper]:
-                    worker = keeper
+            worker = keeper(open_, request.prompt) if self._affinity \
+                else min(open_, key=lambda w: w.load)
             request_id = self._next_id
             self._next_id += 1
             worker.load += 1
@@ -454,6 +455,14 @@ class WorkerPool:
                         self._where[request_id].jobs.put(request_id)
                     except (ValueError, OSError):  # its worker died; _lost ends it
                         pass
+
+
+def keeper(workers: list[Any], prompt: Sequence[int]) -> Any:
+    """The worker for ``prompt``: the one keeping most of its conversation (``served``),
+    less what its ``load`` costs, so that a shared system prompt alone does not pull every
+    conversation onto one worker; the least loaded of equals."""
+    return max(workers, key=lambda w: (w.served.longest(prompt) - LOAD_TOKENS * w.load,
+                                       -w.load))
 
 
 def _tell(request: Request, item: int | BaseException | None) -> None:
