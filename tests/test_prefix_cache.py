@@ -214,7 +214,7 @@ def test_on_cuda_part_of_a_conversation_just_parked_is_restored_as_parked() -> N
 def test_a_pool_weighs_a_kept_conversation_against_load() -> None:
     from types import SimpleNamespace
 
-    from bot.generators.workers import LOAD_TOKENS, keeper
+    from bot.generators.prefix_cache import LOAD_TOKENS, keeper
 
     system = list(range(100, 130))  # a system prompt every conversation starts with
     conversation = [*system, *range(500, 500 + 2 * LOAD_TOKENS)]

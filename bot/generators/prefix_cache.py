@@ -30,6 +30,9 @@ MIN_REUSE = 16
 """Fewest prompt tokens worth a copy instead of computing them."""
 REMEMBERED = 256
 """Conversations a worker pool remembers per worker (``Served``)."""
+LOAD_TOKENS = 256
+"""Prompt tokens a worker's keeping of a conversation must save to be worth one more
+request ahead of it (``keeper``)."""
 
 
 @dataclass(eq=False)
@@ -140,6 +143,14 @@ class Served:
         best = max((_common(seen, wanted, len(wanted) - 1) for seen in self._seen
                     if seen[0] == wanted[0]), default=0)
         return best if best >= MIN_REUSE else 0
+
+
+def keeper(workers: list[Any], prompt: Sequence[int]) -> Any:
+    """The worker for ``prompt``: the one keeping most of its conversation (``served``),
+    less what its ``load`` costs, so that a shared system prompt alone does not pull every
+    conversation onto one worker; the least loaded of equals."""
+    return max(workers, key=lambda w: (w.served.longest(prompt) - LOAD_TOKENS * w.load,
+                                       -w.load))
 
 
 def _common(a: Any, b: Any, limit: int) -> int:

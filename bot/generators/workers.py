@@ -6,8 +6,8 @@ processes out-run one process with every thread: ``CHINWAG_WORKERS=auto`` measur
 at start-up (``cpu_workers.py``). Each worker (``worker_process.py``) loads its own copy of
 the model and runs the scheduler ``engine.make_scheduler`` picks; the parent hands each
 request to the least-loaded worker (with the prefix cache on, to the one that keeps most of
-its conversation, weighed against load: ``keeper``) and streams its tokens back. On a GPU,
-one process owns the device: use the in-process scheduler.
+its conversation, weighed against load: ``prefix_cache.keeper``) and streams its tokens
+back. On a GPU, one process owns the device: use the in-process scheduler.
 
 Each worker gets the limits of its share of the pool, and the parent never hands a worker
 more than that, so a worker's scheduler never refuses a job: beyond the pool's limits the
@@ -35,14 +35,13 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 from bot.errors import Busy, GenerationError, ModelUnavailable
 from bot.generators import worker_process
-from bot.generators.prefix_cache import Served
+from bot.generators.prefix_cache import Served, keeper
 from bot.generators.scheduler import STALL_AFTER_S, Request
 from bot.generators.stats import SchedulerStats
 from bot.generators.worker_process import NEWS, READY, Failure, Heartbeat, Job, LoadFailed
@@ -59,9 +58,6 @@ RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 LOAD_ATTEMPTS = 3
 """Starts in a row whose load reports an error, after which the worker is given up."""
 KILL_STALLED_AFTER_S = 60.0
-LOAD_TOKENS = 256
-"""Prompt tokens a worker's keeping of a conversation must save to be worth one more
-request ahead of it."""
 
 
 class _Worker:
@@ -455,14 +451,6 @@ class WorkerPool:
                         self._where[request_id].jobs.put(request_id)
                     except (ValueError, OSError):  # its worker died; _lost ends it
                         pass
-
-
-def keeper(workers: list[Any], prompt: Sequence[int]) -> Any:
-    """The worker for ``prompt``: the one keeping most of its conversation (``served``),
-    less what its ``load`` costs, so that a shared system prompt alone does not pull every
-    conversation onto one worker; the least loaded of equals."""
-    return max(workers, key=lambda w: (w.served.longest(prompt) - LOAD_TOKENS * w.load,
-                                       -w.load))
 
 
 def _tell(request: Request, item: int | BaseException | None) -> None:
