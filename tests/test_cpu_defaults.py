@@ -51,7 +51,7 @@ def test_the_measured_choice_splits_the_cores_and_keeps_copies_in_memory(
     assert set(choice.rates) == {1, 2} and all(rate > 0 for rate in choice.rates.values())
     assert cpu_workers.choose(model, 1).processes == 1
     # No room for a second copy of the model: one process, whatever is measured.
-    monkeypatch.setattr(cpu_workers, "_free_memory", lambda: 0)
+    monkeypatch.setattr(cpu_workers, "free_memory", lambda: 0)
     only = cpu_workers.choose(model, 2)
     assert (only.processes, only.threads, set(only.rates)) == (1, 2, {1})
 

@@ -140,6 +140,34 @@ async def test_a_conversations_next_turn_goes_to_the_worker_that_keeps_it() -> N
                     "the second worker's report of what it reused", within=10)
 
 
+async def test_a_kept_conversation_is_not_queued_behind_a_reply_while_a_row_is_free() -> None:
+    """Waiting for a row costs a whole reply, not ``LOAD_TOKENS`` of prefill: a next turn
+    must not queue on its keeper while another worker has a free row."""
+    async with TransformersGenerator(BUILTIN_MODEL, CACHE, "cpu", workers=2,
+                                     max_sequences=1, max_queued=2,
+                                     prefix_cache_mb=64) as generator:
+        pool = pool_of(generator)
+        first, second = pool._workers
+        question = "Add these up: " + " + ".join(str(n) for n in range(100, 250))
+        reply = await whole(generator, question, 4)  # both idle: the first worker keeps it
+        assert first.served.longest(generator.prompt_ids(ask(question))) > 300
+        long = generator.stream(ask("Count from one to a thousand."), tokens(2000),
+                                ignore_eos=True)
+        await anext(long)  # a new conversation: equals, so the first worker's one row
+        assert (first.load, second.load) == (1, 0)
+        turn = generator.stream([*ask(question), ChatMessage("assistant", reply),
+                                 ChatMessage("user", "And the average?")], tokens(4))
+        started = asyncio.create_task(anext(turn))
+        try:
+            await until(lambda: first.load + second.load == 2, "the next turn submitted")
+            assert (first.load, second.load) == (1, 1), \
+                "queued behind a 2000-token reply while the second worker's row was free"
+        finally:
+            started.cancel()
+            await long.aclose()
+            await turn.aclose()
+
+
 def test_a_start_that_times_out_raises_model_unavailable_and_leaves_no_process() -> None:
     pool = WorkerPool(BUILTIN_MODEL, CACHE, 2, ready_timeout=0.2)
     with pytest.raises(ModelUnavailable, match="did not load the model within"):
