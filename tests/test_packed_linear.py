@@ -148,3 +148,24 @@ def test_a_weight_onednn_refuses_leaves_the_model_as_it_was(
                    for m in linears(model))
     assert torch.equal(logits(model, ids), before)
     assert "not packed for oneDNN (could not create a primitive descriptor)" in caplog.text
+
+
+def test_a_refused_pack_in_inference_mode_gives_back_ordinary_weights(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine packs under ``inference_mode`` (its thread's ``_prepare``): the weights a
+    refused pack rebuilds must not come back as inference tensors, which no later forward
+    with autograd (or in-place update) accepts."""
+    model = tiny(torch.float32, tied=False)
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    calls = []
+
+    def refusing(weight: Any, rows: int) -> Any:
+        calls.append(weight.shape)
+        if len(calls) == 3:
+            raise RuntimeError("could not create a primitive descriptor")
+        return reorder(weight, rows)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refusing)
+    with torch.inference_mode():
+        assert pack(model) is None
+    assert not any(m.weight.is_inference() for m in linears(model))

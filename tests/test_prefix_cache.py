@@ -218,8 +218,8 @@ def test_a_pool_weighs_a_kept_conversation_against_load() -> None:
 
     system = list(range(100, 130))  # a system prompt every conversation starts with
     conversation = [*system, *range(500, 500 + 2 * LOAD_TOKENS)]
-    busy = SimpleNamespace(served=Served(), load=1)
-    idle = SimpleNamespace(served=Served(), load=0)
+    busy = SimpleNamespace(served=Served(), load=1, rows=8)
+    idle = SimpleNamespace(served=Served(), load=0, rows=8)
     busy.served.remember(conversation)
     idle.served.remember([*system, 1, 2, 3])
     # A new conversation: both keep only the system prompt; the idle worker takes it.
@@ -232,3 +232,8 @@ def test_a_pool_weighs_a_kept_conversation_against_load() -> None:
     # Equals: the least loaded.
     idle.load, busy.load = 2, 1
     assert keeper([idle, busy], [*system, 7]) is busy
+    # A keeper with no free row loses to any worker with one: a row costs a whole reply.
+    busy.load, busy.rows, idle.load = 1, 1, 0
+    assert keeper([busy, idle], [*conversation, 4, 5]) is idle
+    idle.load = idle.rows = 1  # none has a free row: what it keeps decides again
+    assert keeper([busy, idle], [*conversation, 4, 5]) is busy

@@ -5,6 +5,7 @@ fails cleanly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import queue
@@ -164,6 +165,8 @@ async def test_a_kept_conversation_is_not_queued_behind_a_reply_while_a_row_is_f
                 "queued behind a 2000-token reply while the second worker's row was free"
         finally:
             started.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await started
             await long.aclose()
             await turn.aclose()
 

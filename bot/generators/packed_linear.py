@@ -102,8 +102,11 @@ def unpack(packed: Packed | None) -> None:
         return
     for module, dropped, grad in packed.modules:
         if dropped:
-            module.weight = torch.nn.Parameter(module._chinwag_packed.to_dense(),
-                                               requires_grad=grad)
+            # Ordinary tensors, also when a refused pack is undone under inference mode
+            # (the engine's thread): an inference tensor would fail any later autograd use.
+            with torch.inference_mode(False):
+                dense = module._chinwag_packed.to_dense()
+            module.weight = torch.nn.Parameter(dense, requires_grad=grad)
         del module.forward
         del module._chinwag_packed
     packed.modules.clear()

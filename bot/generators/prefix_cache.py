@@ -146,10 +146,12 @@ class Served:
 
 
 def keeper(workers: list[Any], prompt: Sequence[int]) -> Any:
-    """The worker for ``prompt``: the one keeping most of its conversation (``served``),
-    less what its ``load`` costs, so that a shared system prompt alone does not pull every
-    conversation onto one worker; the least loaded of equals."""
-    return max(workers, key=lambda w: (w.served.longest(prompt) - LOAD_TOKENS * w.load,
+    """The worker for ``prompt``: one with a free row (of its ``rows``) if any, as waiting
+    for a row costs a whole reply; among those, the one keeping most of its conversation
+    (``served``) less what its ``load`` costs, so that a shared system prompt alone does not
+    pull every conversation onto one worker; the least loaded of equals."""
+    return max(workers, key=lambda w: (w.load < w.rows,
+                                       w.served.longest(prompt) - LOAD_TOKENS * w.load,
                                        -w.load))
 
 

@@ -90,6 +90,8 @@ class _Worker:
         """Given up: why."""
         self.served = Served()
         """What its prefix cache may hold (a replacement starts with none)."""
+        self.rows = capacity
+        """Requests it generates at once; beyond those they wait for a row."""
 
     def close(self) -> None:
         self.results.close()
@@ -158,8 +160,10 @@ class WorkerPool:
         finally:
             sender.close()  # only the worker writes: its exit then reads as end-of-file here
         capacity = limits["max_sequences"] + limits["max_queued"]
-        return _Worker(index, capacity, process, jobs, receiver, attempt=attempt,
-                       load_errors=load_errors)
+        worker = _Worker(index, capacity, process, jobs, receiver, attempt=attempt,
+                         load_errors=load_errors)
+        worker.rows = limits["max_sequences"]
+        return worker
 
     def start(self) -> None:
         """Start the workers and wait until each has loaded the model; raises
