@@ -216,9 +216,10 @@ class SlotScheduler(BatchScheduler):
         plan: list[tuple[Request, int, int]] = []
         budget = self._prefill_chunk
         for request in self._waiting:
-            start = self._start(request)
-            if len(plan) == free or request.prefilled \
-                    or len(request.prompt) - start > budget:
+            if len(plan) == free or request.prefilled:
+                break
+            start = self._start(request)  # looked up only for a request that may join
+            if len(request.prompt) - start > budget:
                 break
             plan.append((request, start, len(request.prompt)))
             budget -= len(request.prompt) - start

@@ -63,9 +63,11 @@ KILL_STALLED_AFTER_S = 60.0
 class _Worker:
     """One worker process as the parent sees it; a replacement takes its place."""
 
-    def __init__(self, index: int, capacity: int, process: Any, jobs: Any,
+    def __init__(self, index: int, rows: int, capacity: int, process: Any, jobs: Any,
                  results: Connection, *, attempt: int, load_errors: int) -> None:
         self.index = index
+        self.rows = rows
+        """Requests it generates at once; beyond those they wait for a row."""
         self.capacity = capacity
         self.process = process
         self.jobs = jobs
@@ -90,8 +92,6 @@ class _Worker:
         """Given up: why."""
         self.served = Served()
         """What its prefix cache may hold (a replacement starts with none)."""
-        self.rows = capacity
-        """Requests it generates at once; beyond those they wait for a row."""
 
     def close(self) -> None:
         self.results.close()
@@ -159,11 +159,9 @@ class WorkerPool:
             process.start()
         finally:
             sender.close()  # only the worker writes: its exit then reads as end-of-file here
-        capacity = limits["max_sequences"] + limits["max_queued"]
-        worker = _Worker(index, capacity, process, jobs, receiver, attempt=attempt,
-                         load_errors=load_errors)
-        worker.rows = limits["max_sequences"]
-        return worker
+        return _Worker(index, limits["max_sequences"],
+                       limits["max_sequences"] + limits["max_queued"], process, jobs,
+                       receiver, attempt=attempt, load_errors=load_errors)
 
     def start(self) -> None:
         """Start the workers and wait until each has loaded the model; raises
