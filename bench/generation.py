@@ -29,7 +29,6 @@ import dataclasses
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from bench.timing import (
     first_token,
     isolated,
     percentile,
+    replies,
     run_paced,
 )
 from bench.timing import run_sequential as generate_one_at_a_time
@@ -272,34 +272,12 @@ def greedy_agreement(model: Any, prompts: list[list[int]], tokens: int = 32) -> 
     Chinwag's scheduler when each runs alone as when all are submitted at once."""
     from bot.generators import GenerationParams
     from bot.generators.engine import make_scheduler
-    from bot.generators.scheduler import Request
 
     params = GenerationParams(max_new_tokens=tokens, temperature=0.0)
     scheduler = make_scheduler(model, eos_ids=[], max_sequences=256, max_queued=0)
 
     def generate(batch: list[list[int]]) -> list[list[int]]:
-        outputs: list[list[int]] = [[] for _ in batch]
-        ends: list[threading.Event] = [threading.Event() for _ in batch]
-        errors: list[BaseException] = []
-
-        def emitter(out: list[int], end: threading.Event) -> Callable[[Any], None]:
-            def emit(item: Any) -> None:
-                if isinstance(item, int):
-                    out.append(item)
-                    return
-                if item is not None:
-                    errors.append(item)
-                end.set()
-            return emit
-
-        for ids, out, end in zip(batch, outputs, ends, strict=True):
-            scheduler.submit(Request(ids, params, emitter(out, end), ignore_eos=True))
-        for end in ends:
-            if not end.wait(timeout=600):
-                raise RuntimeError("a request of the agreement check never ended")
-        if errors:
-            raise RuntimeError(f"the agreement check failed: {errors[0]}")
-        return outputs
+        return [reply.tokens for reply in replies(scheduler, batch, params, ignore_eos=True)]
 
     scheduler.start()
     try:

@@ -107,6 +107,46 @@ def run_paced(scheduler: Any, prompts: Sequence[Sequence[int]], params: Any,
     return timings
 
 
+@dataclass
+class Reply:
+    tokens: list[int]
+    ttft: float
+    """Seconds from its submission to its first token."""
+
+
+def replies(scheduler: Any, prompts: Sequence[Sequence[int]], params: Any, *,
+            ignore_eos: bool = False, timeout: float = 600.0) -> list[Reply]:
+    """Submit every prompt to a Chinwag scheduler at once; each one's reply, once all have
+    ended. Raises if any failed or did not end within ``timeout``."""
+    from bot.generators.scheduler import Request
+
+    got = [Reply([], 0.0) for _ in prompts]
+    ends = [threading.Event() for _ in prompts]
+    errors: list[BaseException] = []
+
+    def emitter(reply: Reply, end: threading.Event, submitted: float) -> Callable[[Any], None]:
+        def emit(item: Any) -> None:
+            if isinstance(item, int):
+                if not reply.tokens:
+                    reply.ttft = time.perf_counter() - submitted
+                reply.tokens.append(item)
+                return
+            if item is not None:
+                errors.append(item)
+            end.set()
+        return emit
+
+    for ids, reply, end in zip(prompts, got, ends, strict=True):
+        emit = emitter(reply, end, time.perf_counter())
+        scheduler.submit(Request(ids, params, emit, ignore_eos=ignore_eos))
+    for end in ends:
+        if not end.wait(timeout=timeout):
+            raise RuntimeError("a request never ended")
+    if errors:
+        raise RuntimeError(f"a request failed: {errors[0]}")
+    return got
+
+
 def isolated(function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)`` on a thread of its own that exits when done, as Chinwag loads its
     model: a thread that ran torch and lives on keeps an OpenMP team that slows every other

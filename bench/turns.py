@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.timing import isolated, percentile
+from bench.timing import isolated, percentile, replies
 
 MESSAGES = [
     "Hi! I am planning a trip to the mountains next month with two friends. We like long "
@@ -57,42 +55,17 @@ def load() -> tuple[Any, Any]:
                             dtype)
 
 
-def ask(scheduler: Any, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
-    """Send one prompt; its time to first token and its reply's tokens."""
-    from bot.generators import GenerationParams
-    from bot.generators.scheduler import Request
-
-    reply: list[int] = []
-    first: list[float] = []
-    ended = threading.Event()
-    failed: list[BaseException] = []
-
-    def emit(item: Any) -> None:
-        if isinstance(item, int):
-            if not first:
-                first.append(time.perf_counter())
-            reply.append(item)
-        else:
-            if item is not None:
-                failed.append(item)
-            ended.set()
-
-    started = time.perf_counter()
-    scheduler.submit(Request(prompt, GenerationParams(max_new_tokens=tokens, temperature=0.0,
-                                                      repetition_penalty=1.1), emit))
-    ended.wait()
-    if failed:
-        raise RuntimeError(f"a turn failed: {failed[0]}")
-    return (first[0] if first else time.perf_counter()) - started, reply
-
-
 def chat(model: Any, tokenizer: Any, args: argparse.Namespace,
          budget_mb: int) -> tuple[list[list[tuple[int, float]]], int, int]:
     """Every conversation's turns on a new scheduler: per turn ``(prompt tokens, ttft)``,
     and the prompt tokens sent and reused in all."""
     from bot.config import DEFAULT_SYSTEM_PROMPT
+    from bot.generators import GenerationParams
     from bot.generators.engine import make_scheduler
     from bot.generators.scheduler import eos_ids
+
+    params = GenerationParams(max_new_tokens=args.tokens, temperature=0.0,
+                              repetition_penalty=1.1)
 
     scheduler = make_scheduler(model, eos_ids=eos_ids(model), max_sequences=8,
                                prefix_cache_bytes=budget_mb << 20)
@@ -110,10 +83,11 @@ def chat(model: Any, tokenizer: Any, args: argparse.Namespace,
                 prompt = list(tokenizer.apply_chat_template(
                     history, add_generation_prompt=True, tokenize=True,
                     return_dict=True)["input_ids"])
-                ttft, reply = ask(scheduler, prompt, args.tokens)
+                [reply] = replies(scheduler, [prompt], params)
                 history.append({"role": "assistant",
-                                "content": tokenizer.decode(reply, skip_special_tokens=True)})
-                turns[turn].append((len(prompt), ttft))
+                                "content": tokenizer.decode(reply.tokens,
+                                                            skip_special_tokens=True)})
+                turns[turn].append((len(prompt), reply.ttft))
                 sent += len(prompt)
         reused = getattr(getattr(scheduler, "prefixes", None), "reused_tokens", 0)
     finally:
