@@ -1,12 +1,15 @@
 """The slot engine (``slot_cache.py``, ``slot_scheduler.py``, ``engine.py``) against the eager
 ``DynamicCache`` path (``eager_scheduler.py``): the same greedy tokens in every
 configuration, the fallback for the models it refuses, slot reuse, the model's window, a
-failed start, and on CUDA one host sync per replayed decoding step."""
+failed start, the CPU cache reserved whole, and on CUDA one host sync per replayed decoding
+step."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -15,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import LlamaConfig, MistralConfig, MistralForCausalLM
 
 from bot.config import BUILTIN_MODEL
 from bot.errors import GenerationError
@@ -24,7 +27,7 @@ from bot.generators.base import GenerationParams
 from bot.generators.eager_scheduler import EagerScheduler
 from bot.generators.engine import make_scheduler
 from bot.generators.scheduler import eos_ids
-from bot.generators.slot_cache import ATTENTION, refusal
+from bot.generators.slot_cache import ATTENTION, SlotCache, no_reserve_flag, refusal
 from bot.generators.slot_scheduler import SlotScheduler
 from tests.auxil.schedulers import (
     Reply,
@@ -74,8 +77,9 @@ def llama() -> Any:
     return tiny(window=2048)
 
 
-@pytest.mark.parametrize("options", [{}, {"static_shapes": True}, {"prefill_chunk": 8}],
-                         ids=["packed", "static-shapes", "chunked-prefill"])
+@pytest.mark.parametrize("options", [{}, {"static_shapes": True}, {"prefill_chunk": 8},
+                                     {"reserve": False}],
+                         ids=["packed", "static-shapes", "chunked-prefill", "growing-cache"])
 async def test_greedy_tokens_match_the_eager_path(
         builtin: tuple[Any, Any], prompts: list[list[int]], reference: list[list[int]],
         options: dict[str, Any]) -> None:
@@ -117,18 +121,24 @@ async def test_a_refused_model_runs_on_the_eager_path_said_once(
         assert await answers(scheduler, [prompt], greedy(16, 1.0)) == [expected]
 
 
-async def test_grouped_query_attention_reads_the_kv_heads_as_stored(llama: Any) -> None:
+@pytest.mark.parametrize("reserve", [True, False], ids=["reserved", "growing"])
+async def test_grouped_query_attention_reads_the_kv_heads_as_stored(
+        llama: Any, reserve: bool) -> None:
     assert refusal(llama) is None
-    # Six at once: more rows than the CPU cache starts with (4); one crosses its length.
+    # Six at once: where the cache grows, more rows than it starts with (4), and one
+    # conversation crosses its first length (256).
     prompts = [ids(n, n) for n in (3, 17, 40, 90, 5, 250)]
     with running(EagerScheduler(llama, eos_ids=[], threads=1)) as eager:
         expected = await alone(eager, prompts, greedy(16))
-    scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=8, threads=1)
+    scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=8, threads=1, reserve=reserve)
     with running(scheduler):
         assert await answers(scheduler, prompts, greedy(16)) == expected
         assert await alone(scheduler, prompts, greedy(16)) == expected
     assert scheduler._slots.kv_heads == 2  # stored once per kv head, never repeated
     assert scheduler.max_batch == len(prompts)
+    assert scheduler._slots.growable is not reserve
+    assert (scheduler._slots.slots, scheduler._slots.length) == \
+        ((8, 2048) if reserve else (8, 512))
 
 
 async def test_a_freed_slot_is_reused_at_once(llama: Any) -> None:
@@ -257,6 +267,34 @@ def test_a_failed_start_raises_and_leaves_no_thread(
     with pytest.raises(GenerationError, match="not running"):
         submit(scheduler, ids(5, 1), greedy(4))
     assert llama.config._attn_implementation == before
+
+
+def resident() -> int:
+    """This process's resident memory in bytes (Linux's ``/proc``)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not (Path("/proc/self/statm").exists() and no_reserve_flag()),
+                    reason="reads Linux's /proc, and reserves past memory and swap")
+def test_a_cpu_cache_reserved_whole_takes_memory_only_as_rows_write() -> None:
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    slots = max(64, 2 * memory // (32 * 2 * 8 * 32769 * 128 * 4))  # twice this machine's
+    config = LlamaConfig(hidden_size=1024, num_attention_heads=8, num_key_value_heads=8,
+                         head_dim=128, num_hidden_layers=32, max_position_embeddings=32768)
+    before = resident()
+    cache = SlotCache.reserved(config, slots=slots, length=32768, dtype=torch.float32)
+    assert cache is not None and cache.states.shape == (32, 2, slots, 8, 32769, 128)
+    assert cache.states.numel() * 4 > 2 * memory
+    assert resident() - before < 16 * 2**20
+    cache.states[:, :, 5, :, :100] = 1.0  # one row's first 100 positions: 26 MB
+    assert 26e6 <= resident() - before < 40e6
+    # Never written: zeros (read without taking memory).
+    assert not cache.states[:, :, 5, :, 100:200].any()
+    assert not cache.states[:, :, slots - 1, :, :300].any()
+    assert resident() - before < 40e6
+    del cache
+    gc.collect()
+    assert resident() - before < 16 * 2**20  # unmapped with the tensor
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

@@ -15,7 +15,8 @@ how a step runs:
 - On CUDA prompts get a forward of their own, and the decoding step is replayed from a graph
   captured at start-up for each batch-size bucket and attention width
   (``cuda_graphs.py``); the cache is then allocated once, sized from free memory. On the
-  CPU the cache grows with the conversations it holds.
+  CPU it is reserved whole and takes memory as the conversations write to it (or, where
+  the system will not reserve it, grows with them).
 - A request that ends leaves its row's keys and values in the prefix cache
   (``prefix_cache.py``); a new prompt that starts as one of those did (the conversation's
   next turn) gets them copied into its row and prefills only the rest.
@@ -62,7 +63,8 @@ class SlotScheduler(BatchScheduler):
                  max_queued: int = 256, prefill_chunk: int = 512,
                  stall_after: float = STALL_AFTER_S, threads: int | None = None,
                  cache_length: int | None = None, graphs: bool | None = None,
-                 static_shapes: bool = False, prefix_cache_bytes: int = 0) -> None:
+                 static_shapes: bool = False, prefix_cache_bytes: int = 0,
+                 reserve: bool = True) -> None:
         super().__init__(model, eos_ids=eos_ids, max_sequences=max_sequences,
                          max_queued=max_queued, prefill_chunk=prefill_chunk,
                          stall_after=stall_after, threads=threads)
@@ -75,6 +77,9 @@ class SlotScheduler(BatchScheduler):
         """A row ends when its next token would not fit: at the model's window, or (on CUDA)
         the cache's length."""
         self._cache_setting = cache_length
+        self._reserve = reserve
+        """On the CPU, reserve the whole cache (``SlotCache.reserved``); tests of the cache
+        that grows instead turn it off."""
         self._use_graphs = self._cuda and graphs is not False
         self._host_lengths: list[int] = []
         # Allocated by _prepare, on the scheduler's thread.
@@ -115,12 +120,11 @@ class SlotScheduler(BatchScheduler):
             slots = self._max_sequences
             length = self._cache_setting or fitting_length(config, slots, device, model.dtype)
             self._limit = min(self._limit, length)
+            self._slots = SlotCache(config, slots=slots, length=length, device=device,
+                                    dtype=model.dtype, growable=False)
         else:
-            slots = self._max_sequences if self._static_shapes else \
-                min(CPU_START_ROWS, self._max_sequences)
-            length = self._cache_setting or min(self._limit, LENGTH_STEP)
-        self._slots = SlotCache(config, slots=slots, length=length, device=device,
-                                dtype=model.dtype, growable=not self._cuda)
+            self._slots = self._cpu_cache()
+        slots, length = self._slots.slots, self._slots.length
         vocab = model.get_output_embeddings().weight.shape[0]
         self._sampler = Sampler(slots, vocab, device)
         self._packed_linears = pack(model)  # after reading the weights' shapes
@@ -133,6 +137,19 @@ class SlotScheduler(BatchScheduler):
 
             self._graphs = DecodeGraphs(self._static_step, self._max_sequences, length, device)
             self._graphs.capture()
+
+    def _cpu_cache(self) -> SlotCache:
+        config, dtype = self._model.config, self._model.dtype
+        reserved = SlotCache.reserved(config, slots=self._max_sequences,
+                                      length=self._cache_setting or self._limit,
+                                      dtype=dtype) if self._reserve else None
+        if reserved is not None:
+            return reserved
+        slots = self._max_sequences if self._static_shapes else \
+            min(CPU_START_ROWS, self._max_sequences)
+        length = self._cache_setting or min(self._limit, LENGTH_STEP)
+        return SlotCache(config, slots=slots, length=length, device=self._model.device,
+                         dtype=dtype, growable=True)
 
     def stop(self) -> None:
         thread = self._thread
@@ -148,7 +165,7 @@ class SlotScheduler(BatchScheduler):
         self._packed_linears = None
         uninstall(self._model, self._attention)
 
-    # Growth (CPU only: a CUDA cache is allocated once, at its full size).
+    # Growth (a CPU cache the system would not reserve whole).
 
     def _used(self) -> int:
         pending = [r.row + 1 for r in self._waiting if r.prefilled and r.row >= 0]
