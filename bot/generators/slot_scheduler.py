@@ -21,7 +21,8 @@ how a step runs:
   (``prefix_cache.py``); a new prompt that starts as one of those did (the conversation's
   next turn) gets them copied into its row and prefills only the rest.
 - On the CPU the model's linear layers are packed for oneDNN while the engine runs
-  (``packed_linear.py``): most of a CPU step is those products.
+  (``packed_linear.py``): most of a CPU step is those products. The Llama family's
+  decoder layers then run fused (``fused_layers.py``): fewer, larger operations.
 - A step reads its inputs from device tensors (each row's next token and length) that it
   advances itself, samples on the device (``sampling.py``) and brings the sampled tokens to
   the host once: one host sync per step.
@@ -36,6 +37,7 @@ from typing import Any
 
 from bot.errors import GenerationError
 from bot.generators.cuda_graphs import bucket_of, width_of
+from bot.generators.fused_layers import Fused, fuse, unfuse
 from bot.generators.packed_linear import Packed, pack, unpack
 from bot.generators.padding import pad_right
 from bot.generators.prefix_cache import Parked, PrefixCache
@@ -93,6 +95,7 @@ class SlotScheduler(BatchScheduler):
         self._widths: Any = None
         self._graphs: Any = None
         self._packed_linears: Packed | None = None
+        self._fused: Fused | None = None
         self.prefixes = PrefixCache(prefix_cache_bytes, pinned=self._cuda)
         """Finished conversations' keys and values, for their next turn (``prefix_cache.py``;
         a budget of 0 keeps none)."""
@@ -128,6 +131,7 @@ class SlotScheduler(BatchScheduler):
         vocab = model.get_output_embeddings().weight.shape[0]
         self._sampler = Sampler(slots, vocab, device)
         self._packed_linears = pack(model)  # after reading the weights' shapes
+        self._fused = fuse(model, self._packed_linears)
         self._next = torch.zeros(slots, dtype=torch.long, device=device)
         self._lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self._active = torch.zeros(slots, dtype=torch.bool, device=device)
@@ -161,6 +165,8 @@ class SlotScheduler(BatchScheduler):
                            "engine's packed weights and attention")
             return
         self.prefixes.clear()
+        unfuse(self._fused)
+        self._fused = None
         unpack(self._packed_linears)
         self._packed_linears = None
         uninstall(self._model, self._attention)
