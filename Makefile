@@ -22,6 +22,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/context.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/encoder_decoder.py
 	NO_PROXY=127.0.0.1 $(BIN)/python bench/load.py
 	$(BIN)/python bench/memory.py

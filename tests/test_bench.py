@@ -86,3 +86,13 @@ def test_train_bench_prints_its_summary_line() -> None:
     assert sum(line.startswith("  > ") for line in lines) == 5
     assert lines[-1].startswith("train: unigram_ppl=") and " ratio=" in lines[-1]
     assert " seconds=" in lines[-1] and " target_met=" in lines[-1]
+
+
+def test_sampling_bench_prints_its_summary_line() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "sampling.py"), "--n", "2",
+                             "--tokens", "4", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("n=2 sort_step_ms=") and " candidates_step_ms=" in last
+    assert " x_step=" in last
