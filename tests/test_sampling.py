@@ -1,6 +1,7 @@
-"""The slot engine's sampler (``sampling.py``): top-p keeps exactly the nucleus and draws from
-it in proportion, whether the CPU finds it among its top candidates or sorts the whole
-vocabulary, and a greedy row in the same batch stays greedy."""
+"""Sampling (``sampling.py``), the slot engine's and the eager schedulers': top-p keeps exactly
+the nucleus and draws from it in proportion, whether the CPU finds it among its top
+candidates or sorts the whole vocabulary, and a greedy row in the same batch stays
+greedy."""
 
 from __future__ import annotations
 
@@ -8,18 +9,25 @@ import pytest
 import torch
 
 from bot.generators.base import GenerationParams
-from bot.generators.sampling import CANDIDATES, Sampler, _candidates
+from bot.generators.sampling import CANDIDATES, Sampler, _candidates, sample_requests
+from bot.generators.scheduler import Request
 
 VOCAB = 1000
 ROWS = 16
 
 
-def draw(logits: torch.Tensor, params: list[GenerationParams], calls: int) -> torch.Tensor:
-    """``calls`` draws of every row: ``[calls, rows]``."""
+def draw(logits: torch.Tensor, params: list[GenerationParams], calls: int,
+         way: str = "engine") -> torch.Tensor:
+    """``calls`` draws of every row: ``[calls, rows]``, by the slot engine's sampler or
+    request by request as the eager schedulers sample."""
     torch.manual_seed(0)
     sampler = Sampler(len(params), logits.shape[-1], "cpu")
     sampler.set_rows(0, params, [[] for _ in params])
+    requests = [Request([], p, lambda _item: None) for p in params]
     with torch.inference_mode():
+        if way == "eager":
+            return torch.stack([sample_requests(logits.clone(), requests)
+                                for _ in range(calls)])
         return torch.stack([sampler.sample(logits, 0, sampling=True, penalties=False)
                             for _ in range(calls)])
 
@@ -34,8 +42,9 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return expected
 
 
+@pytest.mark.parametrize("way", ["engine", "eager"])
 @pytest.mark.parametrize("shape", ["peaked", "flat"])
-def test_top_p_draws_the_nucleus_in_proportion(shape: str) -> None:
+def test_top_p_draws_the_nucleus_in_proportion(shape: str, way: str) -> None:
     if shape == "peaked":  # the nucleus is 5 tokens: among the CPU's top candidates
         head = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.04, 0.03])
         probs = torch.cat([head, torch.full((VOCAB - len(head),), 0.04 / (VOCAB - 8))])
@@ -45,7 +54,7 @@ def test_top_p_draws_the_nucleus_in_proportion(shape: str) -> None:
         top_p = 0.7
     logits = probs.log()[None].expand(ROWS, VOCAB).contiguous()
     params = [GenerationParams(max_new_tokens=1, temperature=1.0, top_p=top_p)] * ROWS
-    drawn = draw(logits, params, 250 if shape == "peaked" else 40).flatten()
+    drawn = draw(logits, params, 250 if shape == "peaked" else 40, way).flatten()
     expected = nucleus(probs, top_p)
     kept = int((expected > 0).sum())
     assert (kept <= CANDIDATES) == (shape == "peaked")

@@ -133,8 +133,8 @@ def sample_requests(logits: Any, requests: Sequence[Request]) -> Any:
         probs = torch.softmax(logits[index] / temperatures, dim=-1)
         top_p = torch.tensor([requests[i].params.top_p for i in sampled],
                              device=logits.device)[:, None]
-        ordered, order = probs.sort(dim=-1, descending=True)
-        outside = ordered.cumsum(dim=-1) - ordered > top_p
+        ordered, order, cumulative = _candidates(probs, top_p)
+        outside = cumulative - ordered > top_p
         ordered[outside] = 0.0
         choice = torch.multinomial(ordered, 1)
         tokens[index] = order.gather(-1, choice).squeeze(-1)
