@@ -102,3 +102,31 @@ def test_fusing_keeps_the_memory_and_a_fused_layer_serves_only_the_engine() -> N
     assert attention.q_proj._chinwag_packed is not None
     unpack(packed)
     assert fuse(model, None) is None  # nothing packed (not a CPU oneDNN runs): nothing fused
+
+
+async def test_a_joined_weight_onednn_refuses_leaves_every_layer_unfused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny(LlamaForCausalLM, LlamaConfig, initializer_range=WIDE)
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    prompt = ids(10, 3)
+    expected = generate(model, prompt, 8)
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    packs = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    calls: list[tuple[int, ...]] = []
+
+    def refusing(weight: Any, rows: Any) -> Any:
+        calls.append(tuple(weight.shape))
+        # The linears packed, layer 0's joins done: layer 1's query, key and value refused.
+        if len(calls) == packs + 3:
+            raise RuntimeError("could not create a primitive descriptor")
+        return reorder(weight, rows)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refusing)
+    scheduler = SlotScheduler(model, eos_ids=[], max_sequences=2, threads=1)
+    with running(scheduler):
+        assert len(calls) > packs + 3  # the refusal happened, and layer 0 was split back
+        assert scheduler._fused is None
+        assert all("forward" not in vars(layer) for layer in layers(model))
+        assert await answers(scheduler, [prompt], greedy(8, 1.0)) == [expected]
+    after = model.state_dict()
+    assert all(torch.equal(state[name], after[name]) for name in state)

@@ -90,3 +90,22 @@ def test_the_cpu_candidates_are_the_head_of_the_whole_sort() -> None:
     # One row too flat for the candidates to hold its nucleus: every row is sorted whole.
     probs[7] = torch.softmax(torch.zeros(VOCAB), dim=-1)
     assert _candidates(probs, top_p)[0].shape == (ROWS, VOCAB)
+
+
+def test_the_candidates_keep_what_the_whole_sort_keeps_at_the_boundary() -> None:
+    # top_p one float step under the 256 candidates' mass: the whole sort keeps the 257th
+    # token (the mass before it, rounded, is not past top_p), so the candidates must not
+    # stand in. (Found by a review: checking the candidates' own sum rounded differently.)
+    tail = 49152 - CANDIDATES
+    generator = torch.Generator().manual_seed(19)
+    head = torch.rand(CANDIDATES, generator=generator, dtype=torch.float64) + 1
+    small = 4e-8 * (0.3 + torch.rand(1, generator=generator).item())
+    head = head / head.sum() * (1 - tail * small)
+    probs = torch.cat([head, torch.full((tail,), small, dtype=torch.float64)]).float()[None]
+    ordered = probs.sort(descending=True).values
+    cumulative = ordered.cumsum(-1)
+    top_p = torch.nextafter(cumulative[:, CANDIDATES - 1:CANDIDATES], torch.zeros(1, 1))
+    whole = int((cumulative - ordered <= top_p).sum())
+    assert whole > CANDIDATES
+    got, _order, running_sum = _candidates(probs, top_p)
+    assert int((running_sum - got <= top_p).sum()) == whole

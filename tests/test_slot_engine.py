@@ -7,8 +7,10 @@ step."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
+import mmap
 import os
 import threading
 import warnings
@@ -22,7 +24,7 @@ from transformers import LlamaConfig, MistralConfig, MistralForCausalLM
 
 from bot.config import BUILTIN_MODEL
 from bot.errors import GenerationError
-from bot.generators import model_files
+from bot.generators import model_files, slot_cache
 from bot.generators.base import GenerationParams
 from bot.generators.eager_scheduler import EagerScheduler
 from bot.generators.engine import make_scheduler
@@ -295,6 +297,33 @@ def test_a_cpu_cache_reserved_whole_takes_memory_only_as_rows_write() -> None:
     del cache
     gc.collect()
     assert resident() - before < 16 * 2**20  # unmapped with the tensor
+
+
+async def test_a_kernel_refusing_the_mapping_s_advice_still_reserves_it(
+        llama: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Linux without transparent huge pages answers MADV_NOHUGEPAGE with EINVAL.
+    class Unadvisable(mmap.mmap):
+        def madvise(self, *args: Any) -> None:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(slot_cache.mmap, "mmap", Unadvisable)
+    prompt = ids(12, 5)
+    expected = generate(llama, prompt, 6)
+    scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=2, threads=1)
+    with running(scheduler):
+        assert await answers(scheduler, [prompt], greedy(6, 1.0)) == [expected]
+    assert not scheduler._slots.growable
+
+
+async def test_where_a_reservation_is_charged_whole_the_cache_grows_instead(
+        llama: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slot_cache, "_strict_overcommit", lambda: True)  # overcommit_memory=2
+    prompt = ids(12, 6)
+    expected = generate(llama, prompt, 6)
+    scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=2, threads=1)
+    with running(scheduler):
+        assert await answers(scheduler, [prompt], greedy(6, 1.0)) == [expected]
+    assert scheduler._slots.growable
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

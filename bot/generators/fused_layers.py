@@ -45,10 +45,15 @@ def fuse(model: Any, packed: Packed | None) -> Fused | None:
     if packed is None:
         return None
     fused = Fused()
-    for module in model.modules():
-        if _fusable(module):
-            _fuse_one(module)
-            fused.layers.append(module)
+    try:
+        for module in model.modules():
+            if _fusable(module):
+                _fuse_one(module)
+                fused.layers.append(module)
+    except RuntimeError as exc:  # oneDNN refusing a joined weight: run the layers unfused
+        unfuse(fused)
+        logger.warning("decoder layers not fused (%s): decoding runs slower", exc)
+        return None
     if not fused.layers:
         return None
     logger.debug("%s decoder layers fused", len(fused.layers))
@@ -90,12 +95,18 @@ def _fusable(layer: Any) -> bool:
 
 
 def _fuse_one(layer: Any) -> None:
+    """Fuse one layer; a refused join leaves it as it was."""
     import torch
 
     attention, mlp = layer.self_attn, layer.mlp
     with torch.no_grad():
-        layer._chinwag_qkv = _join([attention.q_proj, attention.k_proj, attention.v_proj])
-        layer._chinwag_gate_up = _join([mlp.gate_proj, mlp.up_proj])
+        qkv = _join([attention.q_proj, attention.k_proj, attention.v_proj])
+        gate_up = _join([mlp.gate_proj, mlp.up_proj])
+    # Joined: the parts' own packed weights go (the joined ones replace them).
+    for product in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj,
+                    mlp.up_proj):
+        product._chinwag_packed = None
+    layer._chinwag_qkv, layer._chinwag_gate_up = qkv, gate_up
     layer._chinwag_biases = (_bias([attention.q_proj, attention.k_proj, attention.v_proj]),
                              _bias([mlp.gate_proj, mlp.up_proj]))
     # On the instance: ``unfuse`` deletes it and the class's forward is back.
@@ -103,12 +114,10 @@ def _fuse_one(layer: Any) -> None:
 
 
 def _join(products: list[Any]) -> Any:
-    """One packed weight of the products' stacked rows; theirs are dropped meanwhile."""
+    """One packed weight of the products' stacked rows."""
     import torch
 
     dense = torch.cat([p._chinwag_packed.to_dense() for p in products])
-    for product in products:
-        product._chinwag_packed = None
     return torch.ops.mkldnn._reorder_linear_weight(dense, ROWS_HINT)
 
 

@@ -104,11 +104,13 @@ def _candidates(probs: Any, top_p: Any) -> tuple[Any, Any, Any]:
     of the built-in model's 49,152 tokens), so on the CPU the ``CANDIDATES`` most probable
     stand in when they hold more than ``top_p`` of every row: top-p keeps none past them
     then. A CUDA graph cannot branch on that, and sorting costs a GPU little: it sorts."""
-    if probs.device.type == "cpu" and probs.shape[-1] > CANDIDATES:
-        ordered, order = probs.topk(CANDIDATES, dim=-1)
+    if probs.device.type == "cpu" and probs.shape[-1] > CANDIDATES + 1:
+        # One more than the candidates, to ask of it what the caller asks of every token
+        # (the mass before it past ``top_p``: it is left out), rounded the same way.
+        ordered, order = probs.topk(CANDIDATES + 1, dim=-1)
         cumulative = ordered.cumsum(dim=-1)
-        if bool((cumulative[:, -1:] > top_p).all()):
-            return ordered, order, cumulative
+        if bool((cumulative[:, -1:] - ordered[:, -1:] > top_p).all()):
+            return ordered[:, :-1], order[:, :-1], cumulative[:, :-1]
     ordered, order = probs.sort(dim=-1, descending=True)
     return ordered, order, ordered.cumsum(dim=-1)
 

@@ -14,8 +14,8 @@ as rows write, and reads a page never written as zeros. It takes what the conver
 use, never more than a cache grown to fit them would, and nothing is ever reallocated:
 growing a cache copies it whole and faults in fresh memory, a stall of a tenth of a second
 or more for every conversation in the batch (measured: 0.2 s of the first second of 16
-conversations arriving). Where the system refuses such a reservation (strict overcommit,
-Windows), the cache starts small and grows instead.
+conversations arriving). Where a reservation would be charged whole (strict overcommit,
+Windows) or is refused, the cache starts small and grows instead.
 
 ``slot_attention`` is registered with transformers' ``AttentionInterface``, so any model
 whose attention goes through that interface (Llama, Qwen, Mistral, SmolLM…) runs unchanged.
@@ -27,6 +27,7 @@ so keys and values are never repeated per head.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import platform
@@ -263,11 +264,21 @@ def no_reserve_flag() -> int:
     return 0x4000 if linux else 0
 
 
+def _strict_overcommit() -> bool:
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as setting:
+            return setting.read().strip() == "2"
+    except OSError:
+        return False
+
+
 def _reserve(shape: tuple[int, ...], dtype: Any) -> Any:
     """A zeroed tensor of ``shape`` over an anonymous private mapping, or ``None``."""
     import torch
 
-    if sys.platform == "win32":  # a mapping there is committed whole, up front
+    if sys.platform == "win32" or _strict_overcommit():
+        # A mapping is then charged whole against the commit limit, up front (Windows;
+        # Linux's ``vm.overcommit_memory=2``, which also ignores MAP_NORESERVE).
         return None
     count = 1
     for size in shape:
@@ -280,10 +291,13 @@ def _reserve(shape: tuple[int, ...], dtype: Any) -> Any:
         logger.info("cannot reserve a KV cache of %.1f GiB (%s): it grows as needed instead",
                     nbytes / 2**30, exc)
         return None
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        # A huge page would commit 2 MiB at a row's first token: a row's window for one
-        # head, in one layer, is about that size.
-        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    # A huge page would commit 2 MiB at a row's first token (a row's window for one head,
+    # in one layer, is about that size); a core dump need not hold the cache. Advice only:
+    # a kernel without transparent huge pages refuses the first.
+    for advice in ("MADV_NOHUGEPAGE", "MADV_DONTDUMP"):
+        if hasattr(mmap, advice):
+            with contextlib.suppress(OSError):
+                mapping.madvise(getattr(mmap, advice))
     # The tensor holds the mapping (frombuffer keeps a reference): it is unmapped with it.
     return torch.frombuffer(mapping, dtype=dtype).view(shape)
 

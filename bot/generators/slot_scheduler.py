@@ -127,6 +127,8 @@ class SlotScheduler(BatchScheduler):
                                     dtype=model.dtype, growable=False)
         else:
             self._slots = self._cpu_cache()
+            if not self._slots.growable:
+                self._limit = min(self._limit, self._slots.length)
         slots, length = self._slots.slots, self._slots.length
         vocab = model.get_output_embeddings().weight.shape[0]
         self._sampler = Sampler(slots, vocab, device)
@@ -162,7 +164,7 @@ class SlotScheduler(BatchScheduler):
             # A step still running uses the packed weights and the slot attention: taking
             # them away would fail it in odd ways. The model stays as the engine left it.
             logger.warning("the scheduler thread did not stop in time: the model keeps the "
-                           "engine's packed weights and attention")
+                           "engine's packed weights, fused layers and attention")
             return
         self.prefixes.clear()
         unfuse(self._fused)
