@@ -76,7 +76,9 @@ def unfuse(fused: Fused | None) -> None:
 
 
 def _fusable(layer: Any) -> bool:
-    if type(layer).__name__ not in LAYERS:
+    kind = type(layer)
+    # The library's own classes: a model's remote code may name its layers alike.
+    if kind.__name__ not in LAYERS or not kind.__module__.startswith("transformers.models."):
         return False
     attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attention is None or mlp is None or hasattr(attention, "q_norm"):
