@@ -7,16 +7,18 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
+import torch
 
 from bot.config import BUILTIN_MODEL
 from bot.errors import Busy, GenerationError
-from bot.generators import ChatMessage, GenerationParams
+from bot.generators import ChatMessage, GenerationParams, model_files
 from bot.generators.eager_scheduler import EagerScheduler
 from bot.generators.huggingface import TransformersGenerator
-from bot.generators.scheduler import BatchScheduler, Request, eos_ids
+from bot.generators.scheduler import Request, eos_ids
 from bot.generators.workers import WorkerPool
 from tests.auxil.waiting import until
 
@@ -198,21 +200,26 @@ async def test_out_of_memory_fails_the_batch_clearly_and_the_next_request_works(
     assert not scheduler._rows and scheduler._count == 0  # type: ignore[union-attr]
 
 
-def own_scheduler(model: TransformersGenerator, **limits: float) -> EagerScheduler:
-    """A second scheduler (the eager one) on the loaded model, so the module's one stays
-    sound."""
-    assert isinstance(model.scheduler, BatchScheduler)
-    real = model.scheduler._model
-    scheduler = EagerScheduler(real, eos_ids=eos_ids(real), **limits)  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def spare() -> Any:
+    """The built-in model once more, for a test's own scheduler: while the module's
+    generator serves its model, the slot engine has that model to itself (on the CPU its
+    layers run fused, for the engine only)."""
+    return model_files.load(BUILTIN_MODEL, CACHE, "cpu", torch.float32)[1]
+
+
+def own_scheduler(spare: Any, **limits: float) -> EagerScheduler:
+    """A second scheduler (the eager one), so the module's one stays sound."""
+    scheduler = EagerScheduler(spare, eos_ids=eos_ids(spare), **limits)  # type: ignore[arg-type]
     scheduler.start()
     return scheduler
 
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_scheduler_whose_thread_died_is_unhealthy_and_ends_its_requests(
-        model: TransformersGenerator) -> None:
+        model: TransformersGenerator, spare: Any) -> None:
     assert model.health() is None
-    scheduler = own_scheduler(model)
+    scheduler = own_scheduler(spare)
     assert scheduler.health() is None
     prompt = model.prompt_ids(ask(QUESTIONS[0]))
 
@@ -233,8 +240,8 @@ async def test_a_scheduler_whose_thread_died_is_unhealthy_and_ends_its_requests(
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_scheduler_that_stops_stepping_with_work_is_unhealthy_until_it_steps(
-        model: TransformersGenerator) -> None:
-    scheduler = own_scheduler(model, stall_after=0.3)
+        model: TransformersGenerator, spare: Any) -> None:
+    scheduler = own_scheduler(spare, stall_after=0.3)
     release, stuck = threading.Event(), threading.Event()
 
     def slow(item: object) -> None:  # holds the scheduler thread, as a hung step would

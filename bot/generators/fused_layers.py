@@ -14,7 +14,9 @@ tests hold it to the layer's tokens.
 The fused weights replace the packed ones they were built from (memory stays as it was);
 ``unfuse`` splits them back, so that ``packed_linear.unpack`` finds what it packed. Layers of
 other kinds, or with anything this module does not know (per-head norms, another
-activation, an unpacked product), keep their own forward.
+activation, an unpacked product), keep their own forward. While its layers are fused, the
+model serves the engine alone: a forward without the engine's slots raises (it would miss
+its caller's cache); nothing else in the bot runs it meanwhile.
 """
 
 from __future__ import annotations

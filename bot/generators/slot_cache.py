@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 ATTENTION = "chinwag_slots"
 LENGTH_STEP = 256
 """The cache's length grows (where it may) in multiples of this many positions."""
+CPU_START_ROWS = 4
+"""The rows a growing cache starts with."""
 MEMORY_SHARE = 0.5
 """Of a GPU's free memory at start-up, the share the KV cache may take."""
 
@@ -68,6 +70,21 @@ def fitting_length(config: Any, slots: int, device: Any, dtype: Any) -> int:
         logger.info("KV cache: %s conversations of at most %s tokens (the model's "
                     "window is %s; memory allows no more)", slots, length, window(config))
     return length
+
+
+def cpu_cache(config: Any, dtype: Any, *, slots: int, length: int, reserve: bool = True,
+              grow_rows: bool = True) -> SlotCache:
+    """A CPU cache of ``slots`` rows of ``length`` positions: reserved whole (see above), or
+    where it is not (``reserve`` false, or the system will not) one that starts at
+    ``CPU_START_ROWS`` rows (all of them unless ``grow_rows``) of ``LENGTH_STEP`` positions
+    and grows."""
+    reserved = SlotCache.reserved(config, slots=slots, length=length, dtype=dtype) \
+        if reserve else None
+    if reserved is not None:
+        return reserved
+    return SlotCache(config, slots=min(CPU_START_ROWS, slots) if grow_rows else slots,
+                     length=min(length, LENGTH_STEP), device="cpu", dtype=dtype,
+                     growable=True)
 
 
 def refusal(model: Any) -> str | None:

@@ -44,10 +44,10 @@ from bot.generators.prefix_cache import Parked, PrefixCache
 from bot.generators.sampling import Sampler
 from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request
 from bot.generators.slot_cache import (
-    LENGTH_STEP,
     Segment,
     SlotCache,
     SlotView,
+    cpu_cache,
     fitting_length,
     install,
     uninstall,
@@ -56,8 +56,6 @@ from bot.generators.slot_cache import (
 from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
-
-CPU_START_ROWS = 4
 
 
 class SlotScheduler(BatchScheduler):
@@ -126,7 +124,9 @@ class SlotScheduler(BatchScheduler):
             self._slots = SlotCache(config, slots=slots, length=length, device=device,
                                     dtype=model.dtype, growable=False)
         else:
-            self._slots = self._cpu_cache()
+            self._slots = cpu_cache(config, model.dtype, slots=self._max_sequences,
+                                    length=self._cache_setting or self._limit,
+                                    reserve=self._reserve, grow_rows=not self._static_shapes)
             if not self._slots.growable:
                 self._limit = min(self._limit, self._slots.length)
         slots, length = self._slots.slots, self._slots.length
@@ -143,19 +143,6 @@ class SlotScheduler(BatchScheduler):
 
             self._graphs = DecodeGraphs(self._static_step, self._max_sequences, length, device)
             self._graphs.capture()
-
-    def _cpu_cache(self) -> SlotCache:
-        config, dtype = self._model.config, self._model.dtype
-        reserved = SlotCache.reserved(config, slots=self._max_sequences,
-                                      length=self._cache_setting or self._limit,
-                                      dtype=dtype) if self._reserve else None
-        if reserved is not None:
-            return reserved
-        slots = self._max_sequences if self._static_shapes else \
-            min(CPU_START_ROWS, self._max_sequences)
-        length = self._cache_setting or min(self._limit, LENGTH_STEP)
-        return SlotCache(config, slots=slots, length=length, device=self._model.device,
-                         dtype=dtype, growable=True)
 
     def stop(self) -> None:
         thread = self._thread
