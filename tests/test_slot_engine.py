@@ -29,7 +29,14 @@ from bot.generators.base import GenerationParams
 from bot.generators.eager_scheduler import EagerScheduler
 from bot.generators.engine import make_scheduler
 from bot.generators.scheduler import eos_ids
-from bot.generators.slot_cache import ATTENTION, SlotCache, no_reserve_flag, refusal
+from bot.generators.slot_cache import (
+    ATTENTION,
+    SlotCache,
+    no_reserve_flag,
+    refusal,
+    strict_overcommit,
+    uncaptured_cache,
+)
 from bot.generators.slot_scheduler import SlotScheduler
 from tests.auxil.schedulers import (
     Reply,
@@ -138,9 +145,10 @@ async def test_grouped_query_attention_reads_the_kv_heads_as_stored(
         assert await alone(scheduler, prompts, greedy(16)) == expected
     assert scheduler._slots.kv_heads == 2  # stored once per kv head, never repeated
     assert scheduler.max_batch == len(prompts)
-    assert scheduler._slots.growable is not reserve
+    reserved = reserve and not strict_overcommit()
+    assert scheduler._slots.growable is not reserved
     assert (scheduler._slots.slots, scheduler._slots.length) == \
-        ((8, 2048) if reserve else (8, 512))
+        ((8, 2048) if reserved else (8, 512))
 
 
 async def test_a_freed_slot_is_reused_at_once(llama: Any) -> None:
@@ -276,7 +284,8 @@ def resident() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.skipif(not (Path("/proc/self/statm").exists() and no_reserve_flag()),
+@pytest.mark.skipif(not (Path("/proc/self/statm").exists() and no_reserve_flag())
+                    or strict_overcommit(),
                     reason="reads Linux's /proc, and reserves past memory and swap")
 def test_a_cpu_cache_reserved_whole_takes_memory_only_as_rows_write() -> None:
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -313,12 +322,28 @@ async def test_a_kernel_refusing_the_mapping_s_advice_still_reserves_it(
     scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=2, threads=1)
     with running(scheduler):
         assert await answers(scheduler, [prompt], greedy(6, 1.0)) == [expected]
-    assert not scheduler._slots.growable
+    assert scheduler._slots.growable is strict_overcommit()
+
+
+def test_only_a_cpu_cache_is_reserved_and_a_set_length_bounds_the_window(llama: Any) -> None:
+    config = llama.config
+    # Another device without graphs (MPS; here "meta"): a cache that grows, on that device.
+    other = uncaptured_cache(config, torch.float32, torch.device("meta"), slots=8,
+                             length=2048)
+    assert (other.growable, other.states.device.type) == (True, "meta")
+    assert (other.slots, other.length) == (4, 256)
+    started = uncaptured_cache(config, torch.float32, "cpu", slots=8, length=2048,
+                               start_length=600, reserve=False)
+    assert (started.growable, started.length) == (True, 600)
+    scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=2, threads=1, cache_length=100)
+    with running(scheduler):
+        if not scheduler._slots.growable:  # reserved: as long as it was asked, no longer
+            assert scheduler.window == 100 and scheduler._slots.length == 100
 
 
 async def test_where_a_reservation_is_charged_whole_the_cache_grows_instead(
         llama: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slot_cache, "_strict_overcommit", lambda: True)  # overcommit_memory=2
+    monkeypatch.setattr(slot_cache, "strict_overcommit", lambda: True)  # overcommit_memory=2
     prompt = ids(12, 6)
     expected = generate(llama, prompt, 6)
     scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=2, threads=1)

@@ -72,19 +72,23 @@ def fitting_length(config: Any, slots: int, device: Any, dtype: Any) -> int:
     return length
 
 
-def cpu_cache(config: Any, dtype: Any, *, slots: int, length: int, reserve: bool = True,
-              grow_rows: bool = True) -> SlotCache:
-    """A CPU cache of ``slots`` rows of ``length`` positions: reserved whole (see above), or
-    where it is not (``reserve`` false, or the system will not) one that starts at
-    ``CPU_START_ROWS`` rows (all of them unless ``grow_rows``) of ``LENGTH_STEP`` positions
-    and grows."""
+def uncaptured_cache(config: Any, dtype: Any, device: Any, *, slots: int, length: int,
+                     start_length: int | None = None, reserve: bool = True,
+                     grow_rows: bool = True) -> SlotCache:
+    """The cache of a device without CUDA graphs, for ``slots`` rows of ``length``
+    positions: on the CPU reserved whole (see above); elsewhere (MPS), or where it is not
+    reserved (``reserve`` false, or the system will not), one that starts at
+    ``CPU_START_ROWS`` rows (all of them unless ``grow_rows``) of ``start_length``
+    positions (``LENGTH_STEP`` at most by default) and grows."""
+    import torch
+
     reserved = SlotCache.reserved(config, slots=slots, length=length, dtype=dtype) \
-        if reserve else None
+        if reserve and torch.device(device).type == "cpu" else None
     if reserved is not None:
         return reserved
     return SlotCache(config, slots=min(CPU_START_ROWS, slots) if grow_rows else slots,
-                     length=min(length, LENGTH_STEP), device="cpu", dtype=dtype,
-                     growable=True)
+                     length=start_length or min(length, LENGTH_STEP), device=device,
+                     dtype=dtype, growable=True)
 
 
 def refusal(model: Any) -> str | None:
@@ -281,7 +285,8 @@ def no_reserve_flag() -> int:
     return 0x4000 if linux else 0
 
 
-def _strict_overcommit() -> bool:
+def strict_overcommit() -> bool:
+    """Whether Linux charges every mapping whole, up front (``vm.overcommit_memory=2``)."""
     try:
         with open("/proc/sys/vm/overcommit_memory") as setting:
             return setting.read().strip() == "2"
@@ -293,7 +298,7 @@ def _reserve(shape: tuple[int, ...], dtype: Any) -> Any:
     """A zeroed tensor of ``shape`` over an anonymous private mapping, or ``None``."""
     import torch
 
-    if sys.platform == "win32" or _strict_overcommit():
+    if sys.platform == "win32" or strict_overcommit():
         # A mapping is then charged whole against the commit limit, up front (Windows;
         # Linux's ``vm.overcommit_memory=2``, which also ignores MAP_NORESERVE).
         return None

@@ -47,9 +47,9 @@ from bot.generators.slot_cache import (
     Segment,
     SlotCache,
     SlotView,
-    cpu_cache,
     fitting_length,
     install,
+    uncaptured_cache,
     uninstall,
     window,
 )
@@ -124,9 +124,10 @@ class SlotScheduler(BatchScheduler):
             self._slots = SlotCache(config, slots=slots, length=length, device=device,
                                     dtype=model.dtype, growable=False)
         else:
-            self._slots = cpu_cache(config, model.dtype, slots=self._max_sequences,
-                                    length=self._cache_setting or self._limit,
-                                    reserve=self._reserve, grow_rows=not self._static_shapes)
+            self._slots = uncaptured_cache(
+                config, model.dtype, device, slots=self._max_sequences,
+                length=self._cache_setting or self._limit, start_length=self._cache_setting,
+                reserve=self._reserve, grow_rows=not self._static_shapes)
             if not self._slots.growable:
                 self._limit = min(self._limit, self._slots.length)
         slots, length = self._slots.slots, self._slots.length
