@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.generators.packed_linear import ROWS_HINT, Packed
+from bot.generators.packed_linear import ROWS_HINT, Packed, packed_product
 
 logger = logging.getLogger(__name__)
 
@@ -145,13 +145,6 @@ def _bias(products: list[Any]) -> Any:
                       for p in products]).detach()
 
 
-def _product(input: Any, weight: Any, bias: Any) -> Any:
-    import torch
-
-    return torch.ops.mkldnn._linear_pointwise.default(
-        input if input.is_contiguous() else input.contiguous(), weight, bias, "none", [], "")
-
-
 def _norm(norm: Any, hidden: Any) -> Any:
     """What the Llama family's ``RMSNorm`` computes: in fp32, cast back, then the weight."""
     import torch
@@ -179,7 +172,7 @@ def _fused_forward(self: Any, hidden_states: Any, attention_mask: Any = None,
     kv_heads = attention.k_proj.out_features // dim
     qkv_bias, gate_up_bias = self._chinwag_biases
 
-    qkv = _product(_norm(self.input_layernorm, hidden_states), self._chinwag_qkv, qkv_bias)
+    qkv = packed_product(_norm(self.input_layernorm, hidden_states), self._chinwag_qkv, qkv_bias)
     rotated = qkv[..., :(heads + kv_heads) * dim].view(batch, tokens, heads + kv_heads, dim)
     cos, sin = (part[:, :, None] for part in position_embeddings)
     half = dim // 2
@@ -190,12 +183,13 @@ def _fused_forward(self: Any, hidden_states: Any, attention_mask: Any = None,
     value = qkv[..., (heads + kv_heads) * dim:].view(batch, tokens, kv_heads, dim).transpose(1, 2)
     out, _ = slot_attention(attention, query, key, value, attention_mask,
                             scaling=attention.scaling, **kwargs)
-    hidden_states = hidden_states + _product(out.reshape(batch, tokens, heads * dim),
-                                             attention.o_proj._chinwag_packed,
-                                             attention.o_proj.bias)
+    hidden_states = hidden_states + packed_product(out.reshape(batch, tokens, heads * dim),
+                                                   attention.o_proj._chinwag_packed,
+                                                   attention.o_proj.bias)
 
-    gate_up = _product(_norm(self.post_attention_layernorm, hidden_states),
-                       self._chinwag_gate_up, gate_up_bias)
+    gate_up = packed_product(_norm(self.post_attention_layernorm, hidden_states),
+                             self._chinwag_gate_up, gate_up_bias)
     size = mlp.gate_proj.out_features
     gated = torch.nn.functional.silu(gate_up[..., :size]) * gate_up[..., size:]
-    return hidden_states + _product(gated, mlp.down_proj._chinwag_packed, mlp.down_proj.bias)
+    down = mlp.down_proj
+    return hidden_states + packed_product(gated, down._chinwag_packed, down.bias)

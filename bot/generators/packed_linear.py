@@ -123,10 +123,14 @@ def _shared_weights(model: Any) -> set[int]:
     return {key for key, count in seen.items() if count > 1}
 
 
-def _packed_forward(self: Any, input: Any) -> Any:
+def packed_product(input: Any, weight: Any, bias: Any) -> Any:
+    """``input`` times a packed ``weight`` (``_reorder_linear_weight``), plus ``bias``."""
     import torch
 
     # The op's overload itself: the packet's dispatch costs as much as a small product.
     return torch.ops.mkldnn._linear_pointwise.default(
-        input if input.is_contiguous() else input.contiguous(), self._chinwag_packed,
-        self.bias, "none", [], "")
+        input if input.is_contiguous() else input.contiguous(), weight, bias, "none", [], "")
+
+
+def _packed_forward(self: Any, input: Any) -> Any:
+    return packed_product(input, self._chinwag_packed, self.bias)

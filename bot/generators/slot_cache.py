@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import platform
 import sys
@@ -302,10 +303,7 @@ def _reserve(shape: tuple[int, ...], dtype: Any) -> Any:
         # A mapping is then charged whole against the commit limit, up front (Windows;
         # Linux's ``vm.overcommit_memory=2``, which also ignores MAP_NORESERVE).
         return None
-    count = 1
-    for size in shape:
-        count *= size
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     try:
         mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
                             | no_reserve_flag(), prot=mmap.PROT_READ | mmap.PROT_WRITE)
