@@ -25,17 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.generation import prompt_ids
-from bench.timing import isolated, replies
-
-
-def load() -> tuple[Any, Any]:
-    from bot.config import BUILTIN_MODEL
-    from bot.generators import model_files
-    from bot.generators.huggingface import pick_device
-
-    _device, dtype = pick_device("cpu", "auto")
-    return model_files.load(BUILTIN_MODEL, Path("~/.cache/chinwag").expanduser(), "cpu",
-                            dtype)
+from bench.timing import isolated, load_builtin, replies
 
 
 def run(model: Any, prompts: list[list[int]], tokens: int, candidates: int) -> tuple[float,
@@ -69,7 +59,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    tokenizer, model = isolated(load)
+    tokenizer, model = isolated(load_builtin)
     prompts = prompt_ids(tokenizer, args.n)
     print(f"model dtype: {str(model.dtype).removeprefix('torch.')}; {args.n} conversations "
           f"of {args.tokens} tokens")

@@ -1,7 +1,8 @@
 """Timing requests that arrive over a window, shared by the generation benchmarks
 (``generation.py``, ``encoder_decoder.py``): when each arrived, got its first token and
 ended; one-at-a-time ``generate`` as the baseline; requests paced into a Chinwag scheduler;
-and running a strategy on a thread of its own."""
+running a strategy on a thread of its own; and loading the built-in model (``turns.py``,
+``sampling.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -166,3 +168,14 @@ def isolated(function: Callable[..., Any], *args: Any) -> Any:
     if not ok:
         raise value
     return value
+
+
+def load_builtin() -> tuple[Any, Any]:
+    """The built-in model on the CPU in Chinwag's own dtype choice: ``(tokenizer, model)``."""
+    from bot.config import BUILTIN_MODEL
+    from bot.generators import model_files
+    from bot.generators.huggingface import pick_device
+
+    _device, dtype = pick_device("cpu", "auto")
+    return model_files.load(BUILTIN_MODEL, Path("~/.cache/chinwag").expanduser(), "cpu",
+                            dtype)

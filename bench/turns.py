@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.timing import isolated, percentile, replies
+from bench.timing import isolated, load_builtin, percentile, replies
 
 MESSAGES = [
     "Hi! I am planning a trip to the mountains next month with two friends. We like long "
@@ -43,16 +43,6 @@ MESSAGES = [
     "Last question: how do we keep our phones charged for a whole week in the hills?",
     "And how early should we book the huts, if we decide to sleep in them?",
 ]
-
-
-def load() -> tuple[Any, Any]:
-    from bot.config import BUILTIN_MODEL
-    from bot.generators import model_files
-    from bot.generators.huggingface import pick_device
-
-    _device, dtype = pick_device("cpu", "auto")
-    return model_files.load(BUILTIN_MODEL, Path("~/.cache/chinwag").expanduser(), "cpu",
-                            dtype)
 
 
 def chat(model: Any, tokenizer: Any, args: argparse.Namespace,
@@ -103,7 +93,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cache-mb", type=int, default=1024)
     args = parser.parse_args()
-    tokenizer, model = isolated(load)
+    tokenizer, model = isolated(load_builtin)
     print(f"model dtype: {str(model.dtype).removeprefix('torch.')}; {args.conversations} "
           f"conversations of {args.turns} turns, replies of at most {args.tokens} tokens")
     results: dict[str, list[list[list[tuple[int, float]]]]] = {"off": [], "on": []}
