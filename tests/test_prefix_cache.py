@@ -51,14 +51,16 @@ async def test_a_follow_up_reuses_its_conversation_and_replies_as_a_full_prefill
                 "and wrote their names in a book. Name one of the ships.", builtin)
     with running(engine(llama)) as cached:
         [reply] = await answers(cached, [first], greedy(12))
+        await until(lambda: len(cached.prefixes) == 1, "the reply parked")
         follow_up = [*first, *reply, *ids(" And what did he write about the weather?",
                                           builtin)]
         assert cached.prefixes.reused_tokens == 0
         [again] = await answers(cached, [follow_up], greedy(12))
         # Its prompt and reply but the last token (never fed): all reused.
         assert cached.prefixes.reused_tokens == len(first) + len(reply) - 1
-        # The follow-up, parked in turn, replaced the turn it extends.
-        assert len(cached.prefixes) == 1
+        # The follow-up, parked in turn, replaced the turn it extends. (Parked just after its
+        # end is told: a test's reply hears of it at once, on the scheduler's thread.)
+        await until(lambda: len(cached.prefixes) == 1, "the follow-up parked")
         await until(lambda: cached.stats().prompt_tokens_reused
                     == cached.prefixes.reused_tokens, "the step's figures")
     with running(engine(llama, budget=0)) as fresh:
@@ -71,6 +73,7 @@ async def test_a_long_follow_up_reuses_past_the_prefill_chunk(
     first = ids("A story about a baker. " * 8 + "What did the baker bake?", builtin)
     with running(engine(llama, prefill_chunk=16)) as cached:
         [reply] = await answers(cached, [first], greedy(8))
+        await until(lambda: len(cached.prefixes) == 1, "the reply parked")
         # New tokens over several chunks of 16.
         follow_up = [*first, *reply, *ids(" Tell me more about the bread, the oven and the "
                                           "town where the baker lived, please." * 2, builtin)]
@@ -89,7 +92,7 @@ async def test_a_cancelled_reply_is_kept_and_a_different_conversation_computes_a
         await until(lambda: len(reply.tokens) >= 5, "a few tokens")
         request.cancelled.set()
         await until(lambda: reply.ended, "the cancelled reply's end")
-        assert len(cached.prefixes) == 1
+        await until(lambda: len(cached.prefixes) == 1, "the cancelled reply parked")
         other = ids("What is the capital of France? Answer in one word.", builtin)
         assert other[0] != first[0]
         await answers(cached, [other], greedy(4))
@@ -177,7 +180,7 @@ def test_on_cuda_conversations_are_parked_in_pinned_host_memory() -> None:
 
 async def test_the_bot_keeps_at_most_an_eighth_of_the_memory_available(
         caplog: pytest.LogCaptureFixture) -> None:
-    from bot.generators import cpu_workers
+    from bot.generators.host_memory import free_memory
     from bot.generators.huggingface import PREFIX_SHARE, TransformersGenerator
 
     asked = 1 << 30  # MiB: a petabyte
@@ -187,7 +190,7 @@ async def test_the_bot_keeps_at_most_an_eighth_of_the_memory_available(
             scheduler = model.scheduler
             assert isinstance(scheduler, SlotScheduler)
             budget = scheduler.prefixes.budget
-            available = cpu_workers.free_memory()
+            available = free_memory()
     assert 0 < budget < asked << 20
     assert budget < 2 * available * PREFIX_SHARE
     assert f"CHINWAG_PREFIX_CACHE_MB={asked}: {budget >> 20} MiB kept at most" in caplog.text

@@ -17,12 +17,12 @@ that exits (``torch_threads.in_own_thread``): its OpenMP teams must not outlive 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from bot.generators.host_memory import free_memory
 from bot.generators.torch_threads import use_threads
 
 logger = logging.getLogger(__name__)
@@ -87,16 +87,3 @@ def _rate(model: Any, processes: int, cores: int) -> float:
     for worker in workers:
         worker.join()
     return processes * rows * FORWARDS / max(took)
-
-
-def free_memory() -> int:
-    """Host memory available now, in bytes."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    return int(pages * size)

@@ -48,22 +48,14 @@ class EagerScheduler(BatchScheduler):
 
     def _step(self) -> None:
         self._waiting = [r for r in self._waiting if not self._dropped(r)]
-        free = self._max_sequences - len(self._rows)
-        if self._waiting and free > 0:
-            head = self._waiting[0]
-            if head.prefilled or len(head.prompt) > self._prefill_chunk:
+        chunks = self._chunks()
+        if chunks:
+            head, _start, end = chunks[0]
+            if head.prefilled or end < len(head.prompt):
                 self._prefill_long(head)
             else:
                 # Short prompts that arrived together are prefilled together, within budget.
-                group: list[Request] = []
-                budget = self._prefill_chunk
-                for request in self._waiting:
-                    if len(group) == free or request.prefilled \
-                            or len(request.prompt) > budget:
-                        break
-                    group.append(request)
-                    budget -= len(request.prompt)
-                self._prefill_group(group)
+                self._prefill_group([request for request, _start, _end in chunks])
         if self._rows:
             started = time.perf_counter()
             self._decode()

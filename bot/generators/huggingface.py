@@ -34,6 +34,7 @@ from bot.generators.base import ChatMessage, GenerationParams
 from bot.generators.encoder_decoder import EncoderDecoderScheduler, is_encoder_decoder
 from bot.generators.encoder_prompt import EncoderPrompt
 from bot.generators.engine import make_scheduler
+from bot.generators.host_memory import free_memory
 from bot.generators.reply_text import ReplyText, stream_reply
 from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request, eos_ids
 from bot.generators.stats import SchedulerStats
@@ -141,7 +142,7 @@ class TransformersGenerator:
                 processes, threads = choice.processes, choice.threads
                 if processes > 1:
                     model = None  # the workers load their own copies
-        budget = min(self._prefix_cache, int(cpu_workers.free_memory() * PREFIX_SHARE))
+        budget = min(self._prefix_cache, int(free_memory() * PREFIX_SHARE))
         if budget < self._prefix_cache:
             logger.info("CHINWAG_PREFIX_CACHE_MB=%d: %d MiB kept at most, %.0f%% of the "
                         "memory available", self._prefix_cache >> 20, budget >> 20,

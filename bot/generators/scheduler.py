@@ -79,6 +79,10 @@ class Request:
     """Its row in the slot engine's cache (``slot_scheduler.py``), once it has one."""
 
 
+Chunk = tuple[Request, int, int]
+"""Prompt tokens ``start…end-1`` of a request, prefilled in one step."""
+
+
 class BatchScheduler(ABC):
     def __init__(self, model: Any, *, eos_ids: Sequence[int], max_sequences: int = 32,
                  max_queued: int = 256, prefill_chunk: int = 512,
@@ -300,6 +304,32 @@ class BatchScheduler(ABC):
         ``_waiting`` (minus the ``_dropped``) into ``_rows``, give each row its next token
         and ``_accept`` it. An exception fails every request held (``_fail_all``)."""
 
+    def _chunks(self, start: Callable[[Request], int] | None = None) -> list[Chunk]:
+        """This step's prompt chunks, ``(request, start, end)``: the head's next chunk when
+        it is long or part prefilled, else the short prompts at the head of the queue that
+        fit the chunk budget and the free rows. ``start``: where a request's prompt goes on
+        from (by default what it has prefilled; the slot engine's may begin past a parked
+        conversation's tokens)."""
+        start = start or _prefilled
+        free = self._max_sequences - len(self._rows)
+        if not self._waiting or free <= 0:
+            return []
+        head = self._waiting[0]
+        first = start(head)
+        if head.prefilled or len(head.prompt) - first > self._prefill_chunk:
+            return [(head, first, min(len(head.prompt), first + self._prefill_chunk))]
+        chunks: list[Chunk] = []
+        budget = self._prefill_chunk
+        for request in self._waiting:
+            if len(chunks) == free or request.prefilled:
+                break
+            first = start(request)  # asked only of a request that may join
+            if len(request.prompt) - first > budget:
+                break
+            chunks.append((request, first, len(request.prompt)))
+            budget -= len(request.prompt) - first
+        return chunks
+
     def _dropped(self, request: Request) -> bool:
         if request.cancelled.is_set():
             self._finish(request)
@@ -322,6 +352,10 @@ class BatchScheduler(ABC):
             self._finish(request)
             return False
         return True
+
+
+def _prefilled(request: Request) -> int:
+    return request.prefilled
 
 
 def _deliver(items: list[tuple[Emit, Any]]) -> None:

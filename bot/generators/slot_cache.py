@@ -15,7 +15,8 @@ use, never more than a cache grown to fit them would, and nothing is ever reallo
 growing a cache copies it whole and faults in fresh memory, a stall of a tenth of a second
 or more for every conversation in the batch (measured: 0.2 s of the first second of 16
 conversations arriving). Where a reservation would be charged whole (strict overcommit,
-Windows) or is refused, the cache starts small and grows instead.
+Windows) or is refused, the cache starts small and grows instead. A reserved cache can give
+back what no row keeps (``SlotCache.release``), for a machine short of memory.
 
 ``slot_attention`` is registered with transformers' ``AttentionInterface``, so any model
 whose attention goes through that interface (Llama, Qwen, Mistral, SmolLM…) runs unchanged.
@@ -213,17 +214,58 @@ class SlotCache:
         self.slots = slots
         self.length = length
         self.states = self._allocate(slots, length) if states is None else states
+        self._mapping: mmap.mmap | None = None
+        """A reserved cache's memory mapping (``reserved``): what ``release`` advises."""
 
     @classmethod
     def reserved(cls, config: Any, *, slots: int, length: int, dtype: Any) -> SlotCache | None:
         """A CPU cache of ``slots`` rows of ``length`` positions that takes memory only as
         it is written (see above); ``None`` where the system will not reserve it."""
         layers, kv_heads, head_dim = _shape(config) or (0, 0, 0)
-        states = _reserve((layers, 2, slots, kv_heads, length + 1, head_dim), dtype)
-        if states is None:
+        found = _reserve((layers, 2, slots, kv_heads, length + 1, head_dim), dtype)
+        if found is None:
             return None
-        return cls(config, slots=slots, length=length, device=states.device, dtype=dtype,
-                   growable=False, states=states)
+        states, mapping = found
+        cache = cls(config, slots=slots, length=length, device=states.device, dtype=dtype,
+                    growable=False, states=states)
+        cache._mapping = mapping
+        return cache
+
+    @property
+    def releasable(self) -> bool:
+        """Whether ``release`` can give memory back: only a reserved cache's."""
+        return self._mapping is not None and hasattr(mmap, "MADV_DONTNEED")
+
+    def release(self, keep: dict[int, int]) -> None:
+        """Give the system back the memory of each row's positions from ``keep[row]`` on
+        (every position of a row not in ``keep``): whole pages of them read as zeros
+        again, and take memory again once written. Only a ``releasable`` cache can."""
+        if not self.releasable:
+            return
+        assert self._mapping is not None
+        size = self.states.element_size()
+        strides = self.states.stride()
+        row_end = (self.length + 1) * strides[4]
+        spans: list[list[int]] = []  # [first, end) in elements, in address order
+        for layer in range(self.layers):
+            for kind in (0, 1):
+                for row in range(self.slots):
+                    start = keep.get(row, 0)
+                    for head in range(self.kv_heads):
+                        base = (layer * strides[0] + kind * strides[1] + row * strides[2]
+                                + head * strides[3])
+                        first, end = base + start * strides[4], base + row_end
+                        if first >= end:
+                            continue
+                        if spans and spans[-1][1] == first:  # whole rows join up
+                            spans[-1][1] = end
+                        else:
+                            spans.append([first, end])
+        page = mmap.PAGESIZE
+        for first, end in spans:
+            low, high = -(-first * size // page) * page, end * size // page * page
+            if high > low:
+                self._mapping.madvise(mmap.MADV_DONTNEED, low, high - low)
 
     def _allocate(self, slots: int, length: int) -> Any:
         import torch
@@ -295,8 +337,9 @@ def strict_overcommit() -> bool:
         return False
 
 
-def _reserve(shape: tuple[int, ...], dtype: Any) -> Any:
-    """A zeroed tensor of ``shape`` over an anonymous private mapping, or ``None``."""
+def _reserve(shape: tuple[int, ...], dtype: Any) -> tuple[Any, mmap.mmap] | None:
+    """A zeroed tensor of ``shape`` over an anonymous private mapping, and the mapping; or
+    ``None``."""
     import torch
 
     if sys.platform == "win32" or strict_overcommit():
@@ -318,8 +361,9 @@ def _reserve(shape: tuple[int, ...], dtype: Any) -> Any:
         if hasattr(mmap, advice):
             with contextlib.suppress(OSError):
                 mapping.madvise(getattr(mmap, advice))
-    # The tensor holds the mapping (frombuffer keeps a reference): it is unmapped with it.
-    return torch.frombuffer(mapping, dtype=dtype).view(shape)
+    # The tensor holds the mapping (frombuffer keeps a reference): it is unmapped with it
+    # and the cache.
+    return torch.frombuffer(mapping, dtype=dtype).view(shape), mapping
 
 
 def slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,

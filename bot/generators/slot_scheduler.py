@@ -16,7 +16,9 @@ how a step runs:
   captured at start-up for each batch-size bucket and attention width
   (``cuda_graphs.py``); the cache is then allocated once, sized from free memory. On the
   CPU it is reserved whole and takes memory as the conversations write to it (or, where
-  the system will not reserve it, grows with them).
+  the system will not reserve it, grows with them). Should the machine run short of memory,
+  a step first gives back what no row uses and ends the longest reply only if it must
+  (``_relieve``, ``host_memory.py``): the kernel would otherwise kill the whole bot.
 - A request that ends leaves its row's keys and values in the prefix cache
   (``prefix_cache.py``); a new prompt that starts as one of those did (the conversation's
   next turn) gets them copied into its row and prefills only the rest.
@@ -31,18 +33,20 @@ how a step runs:
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bot.errors import GenerationError
 from bot.generators.cuda_graphs import bucket_of, width_of
 from bot.generators.fused_layers import Fused, fuse, unfuse
+from bot.generators.host_memory import FLOOR_BYTES, MemoryGuard
 from bot.generators.packed_linear import Packed, pack, unpack
 from bot.generators.padding import pad_right
 from bot.generators.prefix_cache import Parked, PrefixCache
 from bot.generators.sampling import Sampler
-from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Request
+from bot.generators.scheduler import STALL_AFTER_S, BatchScheduler, Chunk, Request
 from bot.generators.slot_cache import (
     Segment,
     SlotCache,
@@ -57,6 +61,9 @@ from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
 
+SHORT_SAID_EVERY_S = 60.0
+"""A shortage of memory that ends no reply is logged at most this often."""
+
 
 class SlotScheduler(BatchScheduler):
     def __init__(self, model: Any, *, eos_ids: Sequence[int], max_sequences: int = 32,
@@ -64,7 +71,7 @@ class SlotScheduler(BatchScheduler):
                  stall_after: float = STALL_AFTER_S, threads: int | None = None,
                  cache_length: int | None = None, graphs: bool | None = None,
                  static_shapes: bool = False, prefix_cache_bytes: int = 0,
-                 reserve: bool = True) -> None:
+                 reserve: bool = True, memory: Callable[[], int | None] | None = None) -> None:
         super().__init__(model, eos_ids=eos_ids, max_sequences=max_sequences,
                          max_queued=max_queued, prefill_chunk=prefill_chunk,
                          stall_after=stall_after, threads=threads)
@@ -80,6 +87,12 @@ class SlotScheduler(BatchScheduler):
         self._reserve = reserve
         """On the CPU, reserve the whole cache (``SlotCache.reserved``); tests of the cache
         that grows instead turn it off."""
+        self._memory = memory
+        """What memory is left (``host_memory.HostMemory`` unless a test stands in)."""
+        self._guard: MemoryGuard | None = None
+        """For a reserved cache: says when memory runs short (``_relieve``)."""
+        self._short_said = -math.inf
+        """When a shortage was last logged (``_relieve``)."""
         self._use_graphs = self._cuda and graphs is not False
         self._host_lengths: list[int] = []
         # Allocated by _prepare, on the scheduler's thread.
@@ -130,6 +143,11 @@ class SlotScheduler(BatchScheduler):
                 reserve=self._reserve, grow_rows=not self._static_shapes)
             if not self._slots.growable:
                 self._limit = min(self._limit, self._slots.length)
+            if self._slots.releasable:
+                # Room for what one step may write: a prompt chunk and a token a row.
+                most = (self._prefill_chunk + self._slots.slots) * \
+                    self._slots.bytes_per_token()
+                self._guard = MemoryGuard(FLOOR_BYTES + 2 * most, self._memory)
         slots, length = self._slots.slots, self._slots.length
         vocab = model.get_output_embeddings().weight.shape[0]
         self._sampler = Sampler(slots, vocab, device)
@@ -161,7 +179,8 @@ class SlotScheduler(BatchScheduler):
         self._packed_linears = None
         uninstall(self._model, self._attention)
 
-    # Growth (a CPU cache the system would not reserve whole).
+    # Memory: growing a CPU cache the system would not reserve whole, giving back a
+    # reserved one's.
 
     def _used(self) -> int:
         pending = [r.row + 1 for r in self._waiting if r.prefilled and r.row >= 0]
@@ -183,15 +202,55 @@ class SlotScheduler(BatchScheduler):
             setattr(self, name, pad_right(getattr(self, name), slots, dim=0))
         self._widths = torch.arange(self._slots.length + 1, device=self._slots.device)
 
+    def _relieve(self) -> None:
+        """Memory is short: drop the parked conversations and give back the cache's memory
+        that no row uses; if it is still short, end the replies that hold the most, as
+        many as the shortfall takes (the kernel's OOM killer would otherwise end the whole
+        bot). Counted, not measured again: what a system says is available may lag what was
+        given back (it did in a gVisor sandbox), and the next step looks again. New prompts
+        are served all the same: should memory stay short with none running, they may
+        fit."""
+        assert self._guard is not None
+        left, ended = self._guard.left or 0, 0
+        self.prefixes.clear()
+        self._reusing = {}  # (they hold parked conversations too)
+        self._slots.release(self._kept())
+        if self._guard.short():
+            missing = self._guard.floor - (self._guard.left or 0)
+            while missing > 0 and self._rows:
+                row = max(range(len(self._rows)), key=self._host_lengths.__getitem__)
+                missing -= self._host_lengths[row] * self._slots.bytes_per_token()
+                self._finish(self._rows[row], GenerationError(N_(
+                    "the machine ran short of memory, so this reply was cut short")))
+                self._leave(row)
+                ended += 1
+            self._slots.release(self._kept())
+        if ended or time.monotonic() - self._short_said > SHORT_SAID_EVERY_S:
+            self._short_said = time.monotonic()
+            logger.warning("memory is short (%s MiB left, %s MiB wanted): gave back the KV "
+                           "cache's unused memory and ended %s replies", left // 2**20,
+                           self._guard.floor // 2**20, ended)
+
+    def _kept(self) -> dict[int, int]:
+        """The positions each row keeps (``SlotCache.release``): the batch's and those of
+        the long prompts part prefilled."""
+        keep = dict(enumerate(self._host_lengths))
+        for request in self._waiting:
+            if request.prefilled and request.row >= 0:
+                keep[request.row] = max(keep.get(request.row, 0), request.prefilled)
+        return keep
+
     # A step.
 
     def _step(self) -> None:
         self._waiting = [r for r in self._waiting
                          if not self._dropped(r) and not self._too_long(r)]
+        if self._guard is not None and self._guard.short():
+            self._relieve()
         if self._reusing:
             self._reusing = {r: found for r, found in self._reusing.items()
                              if r in self._waiting}
-        plan = self._plan()
+        plan = self._chunks(self._start)  # a new prompt may start past a parked one
         if self._static_shapes:
             if plan:
                 self._packed(plan, decode=False)
@@ -215,29 +274,6 @@ class SlotScheduler(BatchScheduler):
                                                  "model")))
         return True
 
-    def _plan(self) -> list[tuple[Request, int, int]]:
-        """This step's prompt chunks, ``(request, start, end)``: the head's next chunk when
-        it is long, else the short prompts that fit the chunk budget and the free rows. A
-        new prompt starts past what a parked conversation gives it."""
-        free = self._max_sequences - len(self._rows)
-        if not self._waiting or free <= 0:
-            return []
-        head = self._waiting[0]
-        start = self._start(head)
-        if head.prefilled or len(head.prompt) - start > self._prefill_chunk:
-            return [(head, start, min(len(head.prompt), start + self._prefill_chunk))]
-        plan: list[tuple[Request, int, int]] = []
-        budget = self._prefill_chunk
-        for request in self._waiting:
-            if len(plan) == free or request.prefilled:
-                break
-            start = self._start(request)  # looked up only for a request that may join
-            if len(request.prompt) - start > budget:
-                break
-            plan.append((request, start, len(request.prompt)))
-            budget -= len(request.prompt) - start
-        return plan
-
     def _start(self, request: Request) -> int:
         """Where ``request``'s prompt goes on from: what it has prefilled, or for a new one
         what a parked conversation gives it (all but its last token, whose logits are
@@ -251,7 +287,7 @@ class SlotScheduler(BatchScheduler):
             self._reusing[request] = (found[0], found[1])
         return self._reusing[request][0]
 
-    def _packed(self, plan: list[tuple[Request, int, int]], *, decode: bool) -> None:
+    def _packed(self, plan: list[Chunk], *, decode: bool) -> None:
         """One forward over the batch's next tokens (when ``decode``) and the planned prompt
         chunks, packed in one sequence; then sampling, one host sync, and the bookkeeping."""
         import torch

@@ -1,0 +1,171 @@
+"""Running short of memory (``host_memory.py``, ``SlotCache.release``,
+``SlotScheduler._relieve``): what is left is read from Linux and from the process's cgroup;
+a reserved KV cache gives back the memory no row keeps; short of memory, the slot engine
+drops its parked conversations and ends the reply that holds the most, and the others go on
+as if nothing happened."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from bot.errors import GenerationError
+from bot.generators.host_memory import FLOOR_BYTES, HostMemory, MemoryGuard
+from bot.generators.slot_cache import SlotCache, no_reserve_flag, strict_overcommit
+from bot.generators.slot_scheduler import SlotScheduler
+from tests.auxil.schedulers import alone, greedy, ids, running, submit, tiny
+from tests.auxil.waiting import until
+
+MIB = 2**20
+LINUX_RESERVES = Path("/proc/self/statm").exists() and bool(no_reserve_flag()) \
+    and not strict_overcommit()
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+MEMINFO = "MemTotal:       16777216 kB\nMemFree:  1 kB\nMemAvailable:    4194304 kB\n"
+
+
+def test_memory_left_is_the_least_of_the_machine_s_and_the_cgroup_s(tmp_path: Path) -> None:
+    v2 = write(tmp_path / "v2", {
+        "proc/meminfo": MEMINFO, "proc/self/cgroup": "0::/bot.slice/chinwag\n",
+        "sys/fs/cgroup/bot.slice/chinwag/memory.max": f"{1024 * MIB}\n",
+        "sys/fs/cgroup/bot.slice/chinwag/memory.current": f"{768 * MIB}\n",
+        # The file cache the kernel drops first does not count as used.
+        "sys/fs/cgroup/bot.slice/chinwag/memory.stat":
+            f"anon {400 * MIB}\nactive_file 7\ninactive_file {256 * MIB}\n"})
+    assert HostMemory(v2)() == 512 * MIB
+    unlimited = write(tmp_path / "v2max", {
+        "proc/meminfo": MEMINFO, "proc/self/cgroup": "0::/\n",
+        "sys/fs/cgroup/memory.max": "max\n", "sys/fs/cgroup/memory.current": "1\n",
+        "sys/fs/cgroup/memory.stat": "inactive_file 0\n"})
+    assert HostMemory(unlimited)() == 4096 * MIB
+    # cgroup v1 inside a container: the cgroup's own folder is mounted as the hierarchy's
+    # root, so the path /proc names is not there.
+    container = write(tmp_path / "v1", {
+        "proc/meminfo": MEMINFO,
+        "proc/self/cgroup": "5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n",
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{2048 * MIB}\n",
+        "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{1536 * MIB}\n",
+        "sys/fs/cgroup/memory/memory.stat":
+            f"inactive_file 1\ntotal_inactive_file {512 * MIB}\n"})
+    assert HostMemory(container)() == 1024 * MIB
+    tight = write(tmp_path / "tight", {"proc/meminfo": MEMINFO.replace("4194304", "1024")})
+    assert HostMemory(tight)() == MIB  # no cgroup file: the machine's alone
+    assert HostMemory(tmp_path / "elsewhere")() is None  # not Linux: unknown
+
+
+def test_the_guard_says_short_below_its_floor_and_never_when_unknown() -> None:
+    left: list[int | None] = [300 * MIB]
+    guard = MemoryGuard(256 * MIB, lambda: left[0])
+    assert not guard.short() and guard.left == 300 * MIB
+    left[0] = 255 * MIB
+    assert guard.short() and guard.left == 255 * MIB
+    left[0] = None
+    assert not guard.short()
+    if Path("/proc/meminfo").exists():
+        assert (HostMemory()() or 0) > 0
+
+
+def resident() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not LINUX_RESERVES, reason="reads Linux's /proc; needs a reservation")
+def test_a_reserved_cache_gives_back_what_no_row_keeps() -> None:
+    config = LlamaConfig(hidden_size=1024, num_attention_heads=8, num_key_value_heads=8,
+                         head_dim=128, num_hidden_layers=32, max_position_embeddings=4096)
+    cache = SlotCache.reserved(config, slots=8, length=4096, dtype=torch.float32)
+    assert cache is not None and cache.releasable
+    row = 32 * 2 * 8 * 512  # bytes a position of a row takes, over layers, keys and values
+    values = torch.randn(32, 2, 4, 8, 100, 128)
+    before = resident()
+    cache.states[:, :, :4, :, :100] = values  # rows 0-3, 100 positions each: 105 MB
+    written = resident() - before
+    assert 4 * 100 * row <= written < 4 * 100 * row + 16 * MIB
+    cache.release({0: 100, 1: 50, 3: 100})  # row 2 whole, row 1 past 50
+    given = written - (resident() - before)
+    assert 150 * row - 4 * MIB <= given <= 150 * row + 4 * MIB
+    kept = cache.states[:, :, :4, :, :100]
+    assert torch.equal(kept[:, :, 0], values[:, :, 0])
+    assert torch.equal(kept[:, :, 1, :, :50], values[:, :, 1, :, :50])
+    assert torch.equal(kept[:, :, 3], values[:, :, 3])
+    assert not kept[:, :, 2, :, 8:].any()  # (a row's first page may share one with another)
+    cache.states[:, :, 2, :, :100] = values[:, :, 2]  # written again: taken again
+    assert torch.equal(cache.states[:, :, 2, :, :100], values[:, :, 2])
+    grown = SlotCache(config, slots=2, length=64, device="cpu", dtype=torch.float32,
+                      growable=True)
+    assert not grown.releasable
+    grown.release({})  # nothing to give back: nothing done
+    del cache
+
+
+class Memory:
+    """A stand-in for what the machine has left: plenty, unless ``short`` says otherwise;
+    then ``shortfall`` less than the guard's floor."""
+
+    def __init__(self) -> None:
+        self.short: Callable[[], bool] = lambda: False
+        self.floor, self.shortfall = 0, 1
+
+    def __call__(self) -> int:
+        return self.floor - self.shortfall if self.short() else 1 << 40
+
+
+@pytest.fixture(scope="module")
+def llama() -> Any:
+    return tiny(window=2048)
+
+
+@pytest.mark.skipif(strict_overcommit(), reason="only a reserved cache gives memory back")
+async def test_short_of_memory_the_reply_holding_most_ends_and_the_others_go_on(
+        llama: Any, caplog: pytest.LogCaptureFixture) -> None:
+    long, middle, brief = ids(300, 1), ids(60, 2), ids(20, 3)
+    memory = Memory()
+    scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=4, threads=1,
+                              prefix_cache_bytes=16 * MIB, memory=memory)
+    with running(SlotScheduler(llama, eos_ids=[], max_sequences=4, threads=1)) as plain:
+        expected = await alone(plain, [middle, brief], greedy(40))
+    earlier = [ids(30, 4), ids(30, 5)]
+    with running(scheduler):
+        assert scheduler._guard is not None and scheduler._guard.floor > FLOOR_BYTES
+        memory.floor = scheduler._guard.floor
+        await alone(scheduler, earlier, greedy(4))
+        assert len(scheduler.prefixes) == 2  # parked: dropped first when memory runs short
+        got = [submit(scheduler, prompt, greedy(40))[1] for prompt in (long, middle, brief)]
+        # Short once all three run, until one of them has ended.
+        pressed: list[bool] = []
+
+        def press() -> None:
+            if not pressed and all(len(reply.tokens) >= 5 for reply in got):
+                pressed.append(True)
+                memory.short = lambda: len(scheduler._rows) >= 3
+
+        for reply in got:
+            reply.hook = press
+        with caplog.at_level(logging.WARNING, "bot.generators.slot_scheduler"):
+            await until(lambda: all(reply.ended for reply in got), "the replies", within=60)
+        idle = scheduler._slots.states[:, :, 2].clone()  # the last row, now unused
+    cut, *rest = got
+    assert isinstance(cut.error, GenerationError) and "short of memory" in str(cut.error)
+    assert 5 <= len(cut.tokens) < 40
+    assert [reply.error for reply in rest] == [None, None]
+    assert [reply.tokens for reply in rest] == expected  # undisturbed
+    assert [scheduler.prefixes.match(prompt, len(prompt))[1] for prompt in earlier] == \
+        [None, None]  # dropped (the two that finished after the shortage are parked)
+    assert not idle.any()  # the cut reply's memory went back to the system
+    said = [r.getMessage() for r in caplog.records if "memory is short" in r.getMessage()]
+    assert len(said) == 1 and "ended 1 replies" in said[0]
