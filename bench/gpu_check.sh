@@ -36,10 +36,17 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
+# run returns only the output's last 12,000 characters: the whole of it goes to $OUT too.
+if [[ -n "${OUT:-}" ]]; then
+    exec > >(tee "$OUT/gpu_check.log") 2>&1
+fi
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, \
 'transformers', transformers.__version__)"
+# The device image's own versions of what the fetched wheels need (pytest-asyncio wants
+# pytest >= 8.4, pydantic typing-extensions >= 4.16, httpx2 anyio >= 4.10).
+python3 -m pip list 2>/dev/null | grep -iE '^(pytest|typing.extensions|anyio|idna|h11) ' || true
 echo "== GPU-only tests =="
 python3 -m pytest -q -p no:cacheprovider \
     tests/test_slot_engine.py tests/test_prefix_cache.py -k cuda || status=$?

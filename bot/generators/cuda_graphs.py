@@ -85,13 +85,16 @@ class DecodeGraphs:
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
                         self.tokens[:rows] = self._step(rows, width)
                 except Exception as exc:  # torch raises RuntimeError for a failed capture
-                    if "out of memory" in str(exc).lower():
+                    graph = None  # a partial capture holds pool memory
+                    # Ending a broken capture raises its own error: the cause is its context.
+                    cause = exc.__context__ or exc
+                    if "out of memory" in f"{exc} {cause}".lower():
                         failed.append((rows, width))
                         torch.cuda.empty_cache()
                         continue
                     # Not memory: this model's step cannot be captured. Serve it eagerly.
                     logger.warning("cannot capture the decoding step in a CUDA graph (%s: %s); "
-                                   "decoding runs without graphs", type(exc).__name__, exc)
+                                   "decoding runs without graphs", type(cause).__name__, cause)
                     self._graphs.clear()
                     break
                 self._graphs[rows, width] = graph

@@ -83,7 +83,7 @@ class PrefixCache:
         landed = None
         if self._pinned:
             landed = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            landed.record()
+            landed.record(torch.cuda.current_stream(states.device))  # the copy's device
         self._entries.append(Parked(kept, copy, size, landed))
         self.bytes += size
 

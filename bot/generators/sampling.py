@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bot.generators.base import GenerationParams
+from bot.generators.host_copy import to_device
 from bot.generators.padding import pad_right
 from bot.generators.scheduler import Request
 
@@ -48,8 +49,8 @@ class Sampler:
         import torch
 
         end = start + len(params)
-        values = torch.tensor([[p.temperature, p.top_p, p.repetition_penalty] for p in params],
-                              dtype=self.temperature.dtype).to(self.device)
+        values = to_device([[p.temperature, p.top_p, p.repetition_penalty] for p in params],
+                           self.device, self.temperature.dtype)
         self.temperature[start:end] = values[:, 0]
         self.top_p[start:end] = values[:, 1]
         self.penalty[start:end] = values[:, 2]
@@ -57,7 +58,7 @@ class Sampler:
         rows = [row for row, prompt in enumerate(prompts, start) for _ in prompt]
         tokens = [token for prompt in prompts for token in prompt]
         if tokens:
-            index = torch.tensor([rows, tokens]).to(self.device)
+            index = to_device([rows, tokens], self.device, torch.long)
             self.seen[index[0], index[1]] = True
 
     def move(self, source: int, target: int) -> None:

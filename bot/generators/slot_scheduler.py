@@ -32,6 +32,7 @@ how a step runs:
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -41,6 +42,7 @@ from typing import Any
 from bot.errors import GenerationError
 from bot.generators.cuda_graphs import bucket_of, width_of
 from bot.generators.fused_layers import Fused, fuse, unfuse
+from bot.generators.host_copy import to_device
 from bot.generators.host_memory import FLOOR_BYTES, MemoryGuard
 from bot.generators.packed_linear import Packed, pack, unpack
 from bot.generators.padding import pad_right
@@ -94,6 +96,8 @@ class SlotScheduler(BatchScheduler):
         self._short_said = -math.inf
         """When a shortage was last logged (``_relieve``)."""
         self._use_graphs = self._cuda and graphs is not False
+        self._cudnn_sdp: bool | None = None
+        """Whether torch may pick cuDNN attention, before this engine forbade it (CUDA)."""
         self._host_lengths: list[int] = []
         # Allocated by _prepare, on the scheduler's thread.
         self._slots: SlotCache = None  # type: ignore[assignment]
@@ -129,8 +133,15 @@ class SlotScheduler(BatchScheduler):
         if self._cuda:
             # Memory-efficient attention takes a mask and plans nothing per shape; cuDNN,
             # which torch picks on sm90, plans anew for every batch and width. Set once,
-            # for the process: a per-call context would race with other threads' calls.
+            # for the process (until ``stop``): a per-call context would race with other
+            # threads' calls.
+            enabled = torch.backends.cuda.cudnn_sdp_enabled
+            self._cudnn_sdp = bool(enabled())  # type: ignore[no-untyped-call]
             torch.backends.cuda.enable_cudnn_sdp(False)
+            # An engine stopped before this one may hold its cache still, in reference
+            # cycles: free it before this cache is sized from the memory that is free.
+            gc.collect()
+            torch.cuda.empty_cache()
             slots = self._max_sequences
             length = self._cache_setting or fitting_length(config, slots, device, model.dtype)
             self._limit = min(self._limit, length)
@@ -178,6 +189,21 @@ class SlotScheduler(BatchScheduler):
         unpack(self._packed_linears)
         self._packed_linears = None
         uninstall(self._model, self._attention)
+        if self._cuda:
+            self._free_device()
+
+    def _free_device(self) -> None:
+        """Give the GPU back the cache, the step's state and the graphs now, and torch its
+        attention setting: the graphs hold the engine's step, a cycle the collector would
+        break late, and the next engine sizes its cache from the memory free at its
+        start."""
+        import torch
+
+        self._graphs = self._slots = self._sampler = None  # type: ignore[assignment]
+        self._next = self._lengths = self._active = self._widths = None
+        if self._cudnn_sdp is not None:
+            torch.backends.cuda.enable_cudnn_sdp(self._cudnn_sdp)
+        torch.cuda.empty_cache()
 
     # Memory: growing a CPU cache the system would not reserve whole, giving back a
     # reserved one's.
@@ -311,7 +337,7 @@ class SlotScheduler(BatchScheduler):
         for _request, start, end in plan:
             ids += _request.prompt[start:end]
             positions += range(start, end)
-        prompt = torch.tensor([ids, positions], dtype=torch.long).to(device)
+        prompt = to_device([ids, positions], device, torch.long)
         segments, keep, offset = [], list(range(batch)), batch
         for index, (request, start, end) in enumerate(plan):
             write = prompt[1, offset - batch:offset - batch + end - start]
@@ -329,7 +355,7 @@ class SlotScheduler(BatchScheduler):
                           position_ids=torch.cat([self._lengths[:batch], prompt[1]])[None],
                           attention_mask=mask if batch else segments[0].mask,
                           use_cache=False, chinwag_slots=view,
-                          logits_to_keep=torch.tensor(keep or [0], dtype=torch.long).to(device))
+                          logits_to_keep=to_device(keep or [0], device, torch.long))
         for request, _start, end in plan:
             request.prefilled = end
         joining = [request for request, _start, end in plan if end == len(request.prompt)]
@@ -357,8 +383,8 @@ class SlotScheduler(BatchScheduler):
         self._lengths[:batch] += 1
         if joining:
             lengths = [len(r.prompt) for r in joining]
-            self._lengths[first:first + len(joining)] = torch.tensor(lengths, dtype=torch.long).to(
-                self._slots.device)
+            self._lengths[first:first + len(joining)] = to_device(lengths, self._slots.device,
+                                                                  torch.long)
             self._active[first:first + len(joining)] = True
         host = tokens.tolist()  # the step's one host sync
         for request in joining:
