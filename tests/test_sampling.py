@@ -5,11 +5,19 @@ greedy."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from bot.generators.base import GenerationParams
-from bot.generators.sampling import CANDIDATES, Sampler, _candidates, sample_requests
+from bot.generators.sampling import (
+    CANDIDATES,
+    Sampler,
+    _candidates,
+    penalised,
+    sample_requests,
+)
 from bot.generators.scheduler import Request
 
 VOCAB = 1000
@@ -109,3 +117,28 @@ def test_the_candidates_keep_what_the_whole_sort_keeps_at_the_boundary() -> None
     assert whole > CANDIDATES
     got, _order, running_sum = _candidates(probs, top_p)
     assert int((running_sum - got <= top_p).sum()) == whole
+
+
+def test_the_repetition_penalty_falls_on_the_seen_tokens_alone() -> None:
+    torch.manual_seed(4)
+    logits = torch.randn(4, VOCAB) * 3
+    seen = torch.rand(4, VOCAB) < 0.05
+    penalty = torch.tensor([1.0, 1.1, 1.5, 2.0])
+    expected = logits.clone()
+    for row, token in seen.nonzero().tolist():
+        score, factor = logits[row, token], penalty[row]
+        expected[row, token] = score * factor if score < 0 else score / factor
+    for sparse in (True, False):  # the CPU's, the GPU's
+        assert torch.equal(penalised(logits, seen, penalty, sparse=sparse), expected)
+    # The engine's sampler: a row's prompt tokens are seen, and so is what it picks.
+    sampler = Sampler(2, VOCAB, "cpu")
+    top = int(logits[0].argmax())
+    second = int(logits[0].topk(2).indices[1])
+    strict = GenerationParams(max_new_tokens=4, temperature=0.0, repetition_penalty=100.0)
+    sampler.set_rows(0, [strict, replace(strict, repetition_penalty=1.0)], [[top], [top]])
+    both = torch.stack([logits[0], logits[0]])
+    with torch.inference_mode():
+        assert sampler.sample(both, 0, sampling=False, penalties=True).tolist() == \
+            [second, top]
+        third = int(logits[0].topk(3).indices[2])
+        assert sampler.sample(both, 0, sampling=False, penalties=True).tolist()[0] == third

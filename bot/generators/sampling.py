@@ -7,7 +7,8 @@ handful of kernels whatever the batch holds, with no host round trip: a CUDA gra
 capture it. Sampling uses the exponential race (the argmax of ``p / E`` with ``E ~ Exp(1)``
 picks a token with probability ``p``), which unlike ``multinomial`` needs no sync. On the
 CPU, top-p looks for its tokens among the most probable few hundred before it sorts the
-whole vocabulary (``_candidates``): a sort was most of a sampled step's cost there.
+whole vocabulary (``_candidates``): a sort was most of a sampled step's cost there; and the
+repetition penalty touches only the tokens seen (``penalised``).
 
 ``sample_requests`` (``eager_scheduler.py``, ``encoder_decoder.py``) applies the same
 settings read from each request, the repetition penalty over the request's own ``seen`` ids,
@@ -77,9 +78,8 @@ class Sampler:
         end = start + rows
         logits = logits.float()
         if penalties:
-            penalty = self.penalty[start:end, None]
-            penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-            logits = torch.where(self.seen[start:end], penalised, logits)
+            logits = penalised(logits, self.seen[start:end], self.penalty[start:end],
+                               sparse=logits.device.type == "cpu")
         tokens = logits.argmax(dim=-1)
         if sampling:
             temperature = self.temperature[start:end, None]
@@ -97,6 +97,23 @@ class Sampler:
         else:
             self.seen[index, tokens] |= active
         return tokens
+
+
+def penalised(logits: Any, seen: Any, penalty: Any, *, sparse: bool) -> Any:
+    """``logits`` with the repetition penalty on the tokens each row has ``seen``: divided
+    by the row's ``penalty``, or multiplied where negative. ``sparse`` (the CPU) touches
+    only those tokens, a few hundred of the vocabulary a row (0.7 vs 2.4 ms at 16 rows of
+    49,152); a CUDA graph cannot size its work by the data, and there a pass over every
+    logit costs little."""
+    import torch
+
+    if sparse:
+        rows, tokens = seen.nonzero(as_tuple=True)
+        scores, factor = logits[rows, tokens], penalty[rows]
+        return logits.index_put((rows, tokens),
+                                torch.where(scores < 0, scores * factor, scores / factor))
+    factor = penalty[:, None]
+    return torch.where(seen, torch.where(logits < 0, logits * factor, logits / factor), logits)
 
 
 def _candidates(probs: Any, top_p: Any) -> tuple[Any, Any, Any]:
