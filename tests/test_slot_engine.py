@@ -38,6 +38,7 @@ from bot.generators.slot_cache import (
     uncaptured_cache,
 )
 from bot.generators.slot_scheduler import SlotScheduler
+from bot.generators.static_scheduler import StaticSlotScheduler
 from tests.auxil.schedulers import (
     Reply,
     alone,
@@ -86,15 +87,16 @@ def llama() -> Any:
     return tiny(window=2048)
 
 
-@pytest.mark.parametrize("options", [{}, {"static_shapes": True}, {"prefill_chunk": 8},
+@pytest.mark.parametrize("options", [{}, {"engine": StaticSlotScheduler}, {"prefill_chunk": 8},
                                      {"reserve": False}],
                          ids=["packed", "static-shapes", "chunked-prefill", "growing-cache"])
 async def test_greedy_tokens_match_the_eager_path(
         builtin: tuple[Any, Any], prompts: list[list[int]], reference: list[list[int]],
         options: dict[str, Any]) -> None:
     model = builtin[1]
-    scheduler = SlotScheduler(model, eos_ids=eos_ids(model), max_sequences=4, threads=1,
-                              **options)
+    settings = dict(options)
+    engine = settings.pop("engine", SlotScheduler)
+    scheduler = engine(model, eos_ids=eos_ids(model), max_sequences=4, threads=1, **settings)
     log: list[Reply] = []
     with running(scheduler):
         assert await alone(scheduler, prompts, PENALISED) == reference
@@ -229,7 +231,7 @@ async def test_a_reply_ends_within_the_window(small: Any) -> None:
 
 
 async def test_each_static_step_sees_its_rows_newest_position(llama: Any) -> None:
-    scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=2, static_shapes=True, threads=1)
+    scheduler = StaticSlotScheduler(llama, eos_ids=[], max_sequences=2, threads=1)
     narrow: list[tuple[int, int]] = []
     step = scheduler._static_step
 
@@ -356,7 +358,9 @@ async def test_where_a_reservation_is_charged_whole_the_cache_grows_instead(
                     reason="CUDA graphs and host syncs need a CUDA GPU")
 async def test_cuda_decoding_replays_graphs_with_one_sync_per_step() -> None:
     model = tiny(window=4096).to("cuda", torch.bfloat16)
-    scheduler = SlotScheduler(model, eos_ids=[], max_sequences=4)
+    scheduler = make_scheduler(model, eos_ids=[], max_sequences=4)
+    assert isinstance(scheduler, StaticSlotScheduler)
+    held, cudnn = torch.cuda.memory_allocated(), torch.backends.cuda.cudnn_sdp_enabled()
     with running(scheduler):
         started = [submit(scheduler, ids(8 + n, n), greedy(3000, 1.1)) for n in range(3)]
         first = started[0][1]
@@ -381,6 +385,9 @@ async def test_cuda_decoding_replays_graphs_with_one_sync_per_step() -> None:
         for request, _reply in started:
             request.cancelled.set()
         await until(lambda: all(reply.ended for _r, reply in started), "the ends")
+    # Stopped, it gave the GPU its cache and graphs back at once, and torch its setting.
+    assert torch.cuda.memory_allocated() <= held + 2**20
+    assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert steps >= 64 and not any(reply.error for _r, reply in started)
     assert 0 < len(syncs) <= steps, [str(w.message) for w in syncs[:3]]

@@ -3,7 +3,7 @@ width, captured at start-up in one memory pool.
 
 A small model's decoding step is a few hundred kernel launches of a few microseconds each:
 launched one by one from Python it is bound by the launches, replayed from a graph it is
-bound by the GPU. The captured step (``SlotScheduler._static_step``) reads and advances
+bound by the GPU. The captured step (``StaticSlotScheduler._static_step``) reads and advances
 only device tensors, samples inside the graph and writes the tokens to a static buffer, so a
 replay needs nothing from the host and the step's one sync is reading those tokens back.
 

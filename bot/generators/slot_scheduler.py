@@ -12,11 +12,12 @@ how a step runs:
 - On the CPU a step is one packed forward: the batch's next tokens and this step's prompt
   tokens together. A CPU forward is bound by reading the weights, so a prompt that rides
   along with the batch's tokens costs little more than the step would have anyway.
-- On CUDA prompts get a forward of their own, and the decoding step is replayed from a graph
-  captured at start-up for each batch-size bucket and attention width
-  (``cuda_graphs.py``); the cache is then allocated once, sized from free memory. On the
-  CPU it is reserved whole and takes memory as the conversations write to it (or, where
-  the system will not reserve it, grows with them). Should the machine run short of memory,
+- On CUDA (``static_scheduler.StaticSlotScheduler``, which ``engine.make_scheduler`` picks
+  there) prompts get a forward of their own, and the decoding step is replayed from a graph
+  captured at start-up for each batch-size bucket and attention width; the cache is then
+  allocated once, sized from free memory. On the CPU the cache is reserved whole and takes
+  memory as the conversations write to it (or, where the system will not reserve it, grows
+  with them). Should the machine run short of memory,
   a step first gives back what no row uses and ends the longest reply only if it must
   (``_relieve``, ``host_memory.py``): the kernel would otherwise kill the whole bot.
 - A request that ends leaves its row's keys and values in the prefix cache
@@ -32,7 +33,6 @@ how a step runs:
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -40,7 +40,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bot.errors import GenerationError
-from bot.generators.cuda_graphs import bucket_of, width_of
 from bot.generators.fused_layers import Fused, fuse, unfuse
 from bot.generators.host_copy import to_device
 from bot.generators.host_memory import FLOOR_BYTES, MemoryGuard
@@ -53,7 +52,6 @@ from bot.generators.slot_cache import (
     Segment,
     SlotCache,
     SlotView,
-    fitting_length,
     install,
     uncaptured_cache,
     uninstall,
@@ -71,17 +69,13 @@ class SlotScheduler(BatchScheduler):
     def __init__(self, model: Any, *, eos_ids: Sequence[int], max_sequences: int = 32,
                  max_queued: int = 256, prefill_chunk: int = 512,
                  stall_after: float = STALL_AFTER_S, threads: int | None = None,
-                 cache_length: int | None = None, graphs: bool | None = None,
-                 static_shapes: bool = False, prefix_cache_bytes: int = 0,
+                 cache_length: int | None = None, prefix_cache_bytes: int = 0,
                  reserve: bool = True, memory: Callable[[], int | None] | None = None) -> None:
         super().__init__(model, eos_ids=eos_ids, max_sequences=max_sequences,
                          max_queued=max_queued, prefill_chunk=prefill_chunk,
                          stall_after=stall_after, threads=threads)
         self._attention = install(model)
         self._cuda = model.device.type == "cuda"
-        self._static_shapes = static_shapes or self._cuda
-        """Decode over batch and width buckets with the step's own state updates: what a
-        CUDA graph captures. On the CPU only tests ask for it (``static_shapes``)."""
         self._limit = window(model.config)
         """A row ends when its next token would not fit: at the model's window, or (on CUDA)
         the cache's length."""
@@ -95,9 +89,6 @@ class SlotScheduler(BatchScheduler):
         """For a reserved cache: says when memory runs short (``_relieve``)."""
         self._short_said = -math.inf
         """When a shortage was last logged (``_relieve``)."""
-        self._use_graphs = self._cuda and graphs is not False
-        self._cudnn_sdp: bool | None = None
-        """Whether torch may pick cuDNN attention, before this engine forbade it (CUDA)."""
         self._host_lengths: list[int] = []
         # Allocated by _prepare, on the scheduler's thread.
         self._slots: SlotCache = None  # type: ignore[assignment]
@@ -108,7 +99,6 @@ class SlotScheduler(BatchScheduler):
         """Each row's tokens in the cache: where its next token writes."""
         self._active: Any = None
         self._widths: Any = None
-        self._graphs: Any = None
         self._packed_linears: Packed | None = None
         self._fused: Fused | None = None
         self.prefixes = PrefixCache(prefix_cache_bytes, pinned=self._cuda)
@@ -124,41 +114,12 @@ class SlotScheduler(BatchScheduler):
         return self._limit
 
     def _prepare(self) -> None:
-        """Allocate the cache and the step's state, and capture the graphs, on the
-        scheduler's thread: a CPU thread that ran torch and lives on slows every step (see
-        ``torch_threads.py``), and the graphs are replayed from this thread."""
+        """Allocate the cache and the step's state on the scheduler's thread: a CPU thread
+        that ran torch and lives on slows every step (see ``torch_threads.py``)."""
         import torch
 
-        model, config, device = self._model, self._model.config, self._model.device
-        if self._cuda:
-            # Memory-efficient attention takes a mask and plans nothing per shape; cuDNN,
-            # which torch picks on sm90, plans anew for every batch and width. Set once,
-            # for the process (until ``stop``): a per-call context would race with other
-            # threads' calls.
-            enabled = torch.backends.cuda.cudnn_sdp_enabled
-            self._cudnn_sdp = bool(enabled())  # type: ignore[no-untyped-call]
-            torch.backends.cuda.enable_cudnn_sdp(False)
-            # An engine stopped before this one may hold its cache still, in reference
-            # cycles: free it before this cache is sized from the memory that is free.
-            gc.collect()
-            torch.cuda.empty_cache()
-            slots = self._max_sequences
-            length = self._cache_setting or fitting_length(config, slots, device, model.dtype)
-            self._limit = min(self._limit, length)
-            self._slots = SlotCache(config, slots=slots, length=length, device=device,
-                                    dtype=model.dtype, growable=False)
-        else:
-            self._slots = uncaptured_cache(
-                config, model.dtype, device, slots=self._max_sequences,
-                length=self._cache_setting or self._limit, start_length=self._cache_setting,
-                reserve=self._reserve, grow_rows=not self._static_shapes)
-            if not self._slots.growable:
-                self._limit = min(self._limit, self._slots.length)
-            if self._slots.releasable:
-                # Room for what one step may write: a prompt chunk and a token a row.
-                most = (self._prefill_chunk + self._slots.slots) * \
-                    self._slots.bytes_per_token()
-                self._guard = MemoryGuard(FLOOR_BYTES + 2 * most, self._memory)
+        model, device = self._model, self._model.device
+        self._slots = self._cache()
         slots, length = self._slots.slots, self._slots.length
         vocab = model.get_output_embeddings().weight.shape[0]
         self._sampler = Sampler(slots, vocab, device)
@@ -168,11 +129,22 @@ class SlotScheduler(BatchScheduler):
         self._lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self._active = torch.zeros(slots, dtype=torch.bool, device=device)
         self._widths = torch.arange(length + 1, device=device)
-        if self._use_graphs:
-            from bot.generators.cuda_graphs import DecodeGraphs
 
-            self._graphs = DecodeGraphs(self._static_step, self._max_sequences, length, device)
-            self._graphs.capture()
+    def _cache(self, *, grow_rows: bool = True) -> SlotCache:
+        """The cache of a device without graphs (``slot_cache.uncaptured_cache``), watched
+        by a ``MemoryGuard`` where it can give memory back."""
+        config, model = self._model.config, self._model
+        cache = uncaptured_cache(
+            config, model.dtype, model.device, slots=self._max_sequences,
+            length=self._cache_setting or self._limit, start_length=self._cache_setting,
+            reserve=self._reserve, grow_rows=grow_rows)
+        if not cache.growable:
+            self._limit = min(self._limit, cache.length)
+        if cache.releasable:
+            # Room for what one step may write: a prompt chunk and a token a row.
+            most = (self._prefill_chunk + cache.slots) * cache.bytes_per_token()
+            self._guard = MemoryGuard(FLOOR_BYTES + 2 * most, self._memory)
+        return cache
 
     def stop(self) -> None:
         thread = self._thread
@@ -189,21 +161,10 @@ class SlotScheduler(BatchScheduler):
         unpack(self._packed_linears)
         self._packed_linears = None
         uninstall(self._model, self._attention)
-        if self._cuda:
-            self._free_device()
+        self._stopped()
 
-    def _free_device(self) -> None:
-        """Give the GPU back the cache, the step's state and the graphs now, and torch its
-        attention setting: the graphs hold the engine's step, a cycle the collector would
-        break late, and the next engine sizes its cache from the memory free at its
-        start."""
-        import torch
-
-        self._graphs = self._slots = self._sampler = None  # type: ignore[assignment]
-        self._next = self._lengths = self._active = self._widths = None
-        if self._cudnn_sdp is not None:
-            torch.backends.cuda.enable_cudnn_sdp(self._cudnn_sdp)
-        torch.cuda.empty_cache()
+    def _stopped(self) -> None:
+        """Run once the thread has stopped cleanly and the model is given back."""
 
     # Memory: growing a CPU cache the system would not reserve whole, giving back a
     # reserved one's.
@@ -276,16 +237,11 @@ class SlotScheduler(BatchScheduler):
         if self._reusing:
             self._reusing = {r: found for r, found in self._reusing.items()
                              if r in self._waiting}
-        plan = self._chunks(self._start)  # a new prompt may start past a parked one
-        if self._static_shapes:
-            if plan:
-                self._packed(plan, decode=False)
-                self._flush()  # newcomers' first tokens: not after the decoding step too
-            if self._rows:
-                started = time.perf_counter()
-                self._decode()
-                self.decode_seconds += time.perf_counter() - started
-        elif plan or self._rows:
+        self._advance(self._chunks(self._start))  # a new prompt may start past a parked one
+
+    def _advance(self, plan: list[Chunk]) -> None:
+        """Prefill ``plan`` and decode the batch: one packed forward."""
+        if plan or self._rows:
             decoding = bool(self._rows)
             started = time.perf_counter()
             self._packed(plan, decode=decoding)
@@ -424,43 +380,6 @@ class SlotScheduler(BatchScheduler):
         self._sampler.move(source, target)
         for tensor in (self._next, self._lengths, self._active):
             tensor[target] = tensor[source]
-
-    # Decoding.
-
-    def _decode(self) -> None:
-        """A decoding step over static shapes: a graph's replay where one was captured."""
-        rows = len(self._rows)
-        longest = max(self._host_lengths)
-        bucket = min(bucket_of(rows), self._max_sequences)
-        self._ensure(bucket, longest + 1)  # before the width: it may grow the cache (CPU)
-        width = width_of(longest + 1, self._slots.length)
-        if self._graphs is not None and self._graphs.replay(bucket, width):
-            self.graph_replays += 1
-            tokens = self._graphs.tokens[:rows].tolist()  # the step's one host sync
-        else:
-            tokens = self._static_step(bucket, width)[:rows].tolist()
-        self.steps += 1
-        self._account(tokens, 0, rows)
-
-    def _static_step(self, rows: int, width: int) -> Any:
-        """A step over ``rows`` rows (a bucket: idle rows among them write only to the
-        scratch position and change nothing) and ``width`` key positions, reading and
-        advancing only device state: the body of a CUDA graph."""
-        import torch
-
-        active = self._active[:rows]
-        positions = self._lengths[:rows, None]
-        write = torch.where(active[:, None], positions, self._slots.scratch)
-        mask = self._sees(positions, width)
-        out = self._model(input_ids=self._next[:rows, None], position_ids=positions,
-                          attention_mask=mask, use_cache=False, logits_to_keep=1,
-                          chinwag_slots=SlotView(self._slots, rows, self._slots.index(0, write),
-                                                 mask))
-        tokens = self._sampler.sample(out.logits[:, -1], 0, sampling=True, penalties=True,
-                                      active=active)
-        self._next[:rows] = torch.where(active, tokens, self._next[:rows])
-        self._lengths[:rows] += active
-        return tokens
 
     def _reused(self) -> int:
         return self.prefixes.reused_tokens
