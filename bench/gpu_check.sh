@@ -37,8 +37,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 # run returns only the output's last 12,000 characters: the whole of it goes to $OUT too.
-if [[ -n "${OUT:-}" ]]; then
-    exec > >(tee "$OUT/gpu_check.log") 2>&1
+if [[ -n "${OUT:-}" && -z "${GPU_CHECK_TEED:-}" ]]; then
+    GPU_CHECK_TEED=1 bash "$0" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+    exit "${PIPESTATUS[0]}"
 fi
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

@@ -17,10 +17,10 @@ import torch
 from transformers import LlamaConfig
 
 from bot.errors import GenerationError
-from bot.generators.host_memory import FLOOR_BYTES, HostMemory, MemoryGuard
+from bot.generators.host_memory import CRITICAL_BYTES, FLOOR_BYTES, HostMemory, MemoryGuard
 from bot.generators.slot_cache import SlotCache, no_reserve_flag, strict_overcommit
 from bot.generators.slot_scheduler import SlotScheduler
-from tests.auxil.schedulers import alone, greedy, ids, running, submit, tiny
+from tests.auxil.schedulers import Reply, alone, greedy, ids, running, submit, tiny
 from tests.auxil.waiting import until
 
 MIB = 2**20
@@ -66,16 +66,42 @@ def test_memory_left_is_the_least_of_the_machine_s_and_the_cgroup_s(tmp_path: Pa
     tight = write(tmp_path / "tight", {"proc/meminfo": MEMINFO.replace("4194304", "1024")})
     assert HostMemory(tight)() == MIB  # no cgroup file: the machine's alone
     assert HostMemory(tmp_path / "elsewhere")() is None  # not Linux: unknown
+    # A systemd slice limits the service's parent: the tightest of the chain counts.
+    nested = write(tmp_path / "nested", {
+        "proc/meminfo": MEMINFO, "proc/self/cgroup": "0::/bots.slice/chinwag.service\n",
+        "sys/fs/cgroup/bots.slice/memory.max": f"{3072 * MIB}\n",
+        "sys/fs/cgroup/bots.slice/memory.current": f"{2048 * MIB}\n",
+        "sys/fs/cgroup/bots.slice/memory.stat": "inactive_file 0\n",
+        "sys/fs/cgroup/bots.slice/chinwag.service/memory.max": "max\n",
+        "sys/fs/cgroup/bots.slice/chinwag.service/memory.current": "5\n",
+        "sys/fs/cgroup/bots.slice/chinwag.service/memory.stat": "inactive_file 0\n"})
+    assert HostMemory(nested)() == 1024 * MIB
+    # Files an emulation (gVisor's, say) writes otherwise are no answer, not a failure.
+    odd = write(tmp_path / "odd", {
+        "proc/meminfo": "MemAvailable:\n", "proc/self/cgroup": "\nnonsense\n0::/\n",
+        "sys/fs/cgroup/memory.max": "2048\n", "sys/fs/cgroup/memory.current": "\n",
+        "sys/fs/cgroup/memory.stat": "inactive_file\n"})
+    assert HostMemory(odd)() is None
+    broken_stat = write(tmp_path / "stat", {
+        "proc/meminfo": MEMINFO, "proc/self/cgroup": "0::/\n",
+        "sys/fs/cgroup/memory.max": f"{1024 * MIB}\n",
+        "sys/fs/cgroup/memory.current": f"{512 * MIB}\n",
+        "sys/fs/cgroup/memory.stat": "inactive_file x\n"})
+    assert HostMemory(broken_stat)() == 512 * MIB
 
 
-def test_the_guard_says_short_below_its_floor_and_never_when_unknown() -> None:
+def test_the_guard_says_short_below_its_floor_critical_below_the_next() -> None:
     left: list[int | None] = [300 * MIB]
-    guard = MemoryGuard(256 * MIB, lambda: left[0])
-    assert not guard.short() and guard.left == 300 * MIB
-    left[0] = 255 * MIB
-    assert guard.short() and guard.left == 255 * MIB
+    guard = MemoryGuard.for_steps(10 * MIB, lambda: left[0])
+    assert (guard.floor, guard.critical, guard.step) == \
+        (FLOOR_BYTES + 20 * MIB, CRITICAL_BYTES + 20 * MIB, 10 * MIB)
+    assert not guard.short() and guard.left == 300 * MIB and not guard.critical_now
+    left[0] = 200 * MIB
+    assert guard.short() and not guard.critical_now
+    left[0] = 50 * MIB
+    assert guard.short() and guard.critical_now
     left[0] = None
-    assert not guard.short()
+    assert not guard.short() and not guard.critical_now
     if Path("/proc/meminfo").exists():
         assert (HostMemory()() or 0) > 0
 
@@ -114,15 +140,27 @@ def test_a_reserved_cache_gives_back_what_no_row_keeps() -> None:
 
 
 class Memory:
-    """A stand-in for what the machine has left: plenty, unless ``short`` says otherwise;
-    then ``shortfall`` less than the guard's floor."""
+    """A stand-in for what the machine has left: plenty, until a test says otherwise."""
 
     def __init__(self) -> None:
-        self.short: Callable[[], bool] = lambda: False
-        self.floor, self.shortfall = 0, 1
+        self.left: Callable[[], int] = lambda: 1 << 40
 
     def __call__(self) -> int:
-        return self.floor - self.shortfall if self.short() else 1 << 40
+        return self.left()
+
+
+def held(scheduler: SlotScheduler) -> int:
+    """The bytes the scheduler's rows hold: the batch's and those part prefilled."""
+    tokens = sum(scheduler._host_lengths) + sum(r.prefilled for r in scheduler._waiting)
+    return tokens * scheduler._slots.bytes_per_token()
+
+
+def squeeze(scheduler: SlotScheduler, memory: Memory, below: int) -> None:
+    """From now on the machine has ``below`` bytes less than the critical level left, less
+    whatever the rows write from here on (and more as they give memory back)."""
+    assert scheduler._guard is not None
+    budget = scheduler._guard.critical - below + held(scheduler)
+    memory.left = lambda: budget - held(scheduler)
 
 
 @pytest.fixture(scope="module")
@@ -130,42 +168,107 @@ def llama() -> Any:
     return tiny(window=2048)
 
 
-@pytest.mark.skipif(strict_overcommit(), reason="only a reserved cache gives memory back")
-async def test_short_of_memory_the_reply_holding_most_ends_and_the_others_go_on(
+def engine(model: Any, memory: Memory | None = None) -> SlotScheduler:
+    return SlotScheduler(model, eos_ids=[], max_sequences=4, threads=1, prefill_chunk=16,
+                         prefix_cache_bytes=16 * MIB, memory=memory)
+
+
+RESERVES = pytest.mark.skipif(strict_overcommit(),
+                              reason="only a reserved cache gives memory back")
+
+
+@RESERVES
+async def test_critical_memory_ends_the_reply_holding_most_and_the_others_go_on(
         llama: Any, caplog: pytest.LogCaptureFixture) -> None:
     long, middle, brief = ids(300, 1), ids(60, 2), ids(20, 3)
-    memory = Memory()
-    scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=4, threads=1,
-                              prefix_cache_bytes=16 * MIB, memory=memory)
-    with running(SlotScheduler(llama, eos_ids=[], max_sequences=4, threads=1)) as plain:
+    with running(engine(llama)) as plain:
         expected = await alone(plain, [middle, brief], greedy(40))
     earlier = [ids(30, 4), ids(30, 5)]
+    memory = Memory()
+    scheduler = engine(llama, memory)
     with running(scheduler):
         assert scheduler._guard is not None and scheduler._guard.floor > FLOOR_BYTES
-        memory.floor = scheduler._guard.floor
         await alone(scheduler, earlier, greedy(4))
-        assert len(scheduler.prefixes) == 2  # parked: dropped first when memory runs short
+        await until(lambda: len(scheduler.prefixes) == 2, "both parked")
         got = [submit(scheduler, prompt, greedy(40))[1] for prompt in (long, middle, brief)]
-        # Short once all three run, until one of them has ended.
         pressed: list[bool] = []
 
-        def press() -> None:
+        def press() -> None:  # once all three run: critical by half the longest's memory
             if not pressed and all(len(reply.tokens) >= 5 for reply in got):
                 pressed.append(True)
-                memory.short = lambda: len(scheduler._rows) >= 3
+                longest = max(scheduler._host_lengths) * scheduler._slots.bytes_per_token()
+                squeeze(scheduler, memory, longest // 2)
 
         for reply in got:
             reply.hook = press
         with caplog.at_level(logging.WARNING, "bot.generators.slot_scheduler"):
             await until(lambda: all(reply.ended for reply in got), "the replies", within=60)
+        # Parked conversations were dropped, and none is parked while memory is short.
+        assert len(scheduler.prefixes) == 0
         idle = scheduler._slots.states[:, :, 2].clone()  # the last row, now unused
     cut, *rest = got
     assert isinstance(cut.error, GenerationError) and "short of memory" in str(cut.error)
     assert 5 <= len(cut.tokens) < 40
     assert [reply.error for reply in rest] == [None, None]
     assert [reply.tokens for reply in rest] == expected  # undisturbed
-    assert [scheduler.prefixes.match(prompt, len(prompt))[1] for prompt in earlier] == \
-        [None, None]  # dropped (the two that finished after the shortage are parked)
     assert not idle.any()  # the cut reply's memory went back to the system
     said = [r.getMessage() for r in caplog.records if "memory is short" in r.getMessage()]
-    assert len(said) == 1 and "ended 1 replies" in said[0]
+    # The first step short gave back only what no row keeps; the next one cut.
+    assert [message[-24:] for message in said] == ["and 0 replies were ended",
+                                                   "and 1 replies were ended"]
+
+
+@RESERVES
+async def test_memory_short_elsewhere_cuts_no_reply_and_new_prompts_wait(
+        llama: Any, caplog: pytest.LogCaptureFixture) -> None:
+    first, second, later = ids(60, 2), ids(20, 3), ids(30, 6)
+    with running(engine(llama)) as plain:
+        expected = await alone(plain, [first, second, later], greedy(30))
+    memory = Memory()
+    scheduler = engine(llama, memory)
+    log: list[Reply] = []
+    with running(scheduler):
+        got = [submit(scheduler, prompt, greedy(30), log)[1] for prompt in (first, second)]
+        await until(lambda: all(len(reply.tokens) >= 3 for reply in got), "both running")
+        # Far below the critical level, and the replies could not give back enough.
+        memory.left = lambda: 0
+        with caplog.at_level(logging.WARNING, "bot.generators.slot_scheduler"):
+            got.append(submit(scheduler, later, greedy(30), log)[1])
+            await until(lambda: all(reply.ended for reply in got), "the replies", within=60)
+        assert len(scheduler.prefixes) == 0  # none parked while short
+    assert [reply.error for reply in got] == [None] * 3
+    assert [reply.tokens for reply in got] == expected
+    # The later prompt waited for the batch to finish.
+    assert log.index(got[2]) > max(len(log) - 1 - log[::-1].index(reply) for reply in got[:2])
+    said = [r.getMessage() for r in caplog.records if "memory is short" in r.getMessage()]
+    assert len(said) == 1 and "0 replies were ended" in said[0]
+
+
+@RESERVES
+async def test_a_long_prompt_part_prefilled_keeps_its_row_when_replies_are_cut(
+        llama: Any) -> None:
+    long, middle, brief, following = ids(400, 1), ids(60, 2), ids(30, 3), ids(300, 7)
+    with running(engine(llama)) as plain:
+        expected = await alone(plain, [middle, brief, following], greedy(30))
+    memory = Memory()
+    scheduler = engine(llama, memory)
+    with running(scheduler):
+        got = [submit(scheduler, prompt, greedy(200 if prompt is long else 30))[1]
+               for prompt in (long, middle, brief)]
+        await until(lambda: all(len(reply.tokens) >= 2 for reply in got), "joined")
+        request, after = submit(scheduler, following, greedy(30))
+        pressed: list[int] = []
+
+        def press() -> None:  # while the following prompt is part prefilled, in a row
+            if not pressed and request.prefilled >= 64 and request.row >= 0:
+                pressed.append(request.row)
+                longest = max(scheduler._host_lengths) * scheduler._slots.bytes_per_token()
+                squeeze(scheduler, memory, longest // 2)
+
+        for reply in got:
+            reply.hook = press
+        await until(lambda: all(reply.ended for reply in [*got, after]), "all", within=120)
+    assert pressed == [3]  # above the batch's rows, which moved when the long one was cut
+    assert isinstance(got[0].error, GenerationError)
+    assert [got[1].tokens, got[2].tokens, after.tokens] == expected
+    assert [reply.error for reply in (got[1], got[2], after)] == [None] * 3

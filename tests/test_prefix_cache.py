@@ -60,7 +60,10 @@ async def test_a_follow_up_reuses_its_conversation_and_replies_as_a_full_prefill
         assert cached.prefixes.reused_tokens == len(first) + len(reply) - 1
         # The follow-up, parked in turn, replaced the turn it extends. (Parked just after its
         # end is told: a test's reply hears of it at once, on the scheduler's thread.)
-        await until(lambda: len(cached.prefixes) == 1, "the follow-up parked")
+        whole = [*follow_up, *again]
+        await until(lambda: cached.prefixes.match(whole, len(whole))[0] == len(whole) - 1,
+                    "the follow-up parked")
+        assert len(cached.prefixes) == 1
         await until(lambda: cached.stats().prompt_tokens_reused
                     == cached.prefixes.reused_tokens, "the step's figures")
     with running(engine(llama, budget=0)) as fresh:

@@ -354,6 +354,24 @@ async def test_where_a_reservation_is_charged_whole_the_cache_grows_instead(
     assert scheduler._slots.growable
 
 
+def test_cuda_engines_forbid_cudnn_attention_until_the_last_one_stops() -> None:
+    from bot.generators import static_scheduler
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for setting in (True, False):
+            torch.backends.cuda.enable_cudnn_sdp(setting)
+            static_scheduler._forbid_cudnn_attention()  # one engine starts
+            static_scheduler._forbid_cudnn_attention()  # a second (another model) too
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            static_scheduler._allow_cudnn_attention()  # the first stops: the second runs
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            static_scheduler._allow_cudnn_attention()
+            assert torch.backends.cuda.cudnn_sdp_enabled() is setting
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="CUDA graphs and host syncs need a CUDA GPU")
 async def test_cuda_decoding_replays_graphs_with_one_sync_per_step() -> None:
@@ -386,6 +404,8 @@ async def test_cuda_decoding_replays_graphs_with_one_sync_per_step() -> None:
             request.cancelled.set()
         await until(lambda: all(reply.ended for _r, reply in started), "the ends")
     # Stopped, it gave the GPU its cache and graphs back at once, and torch its setting.
+    # (cuBLAS keeps a workspace per stream in torch's allocator, whoever ran the products.)
+    torch._C._cuda_clearCublasWorkspaces()
     assert torch.cuda.memory_allocated() <= held + 2**20
     assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn
     syncs = [w for w in caught if "synchroniz" in str(w.message)]

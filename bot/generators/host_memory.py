@@ -6,23 +6,25 @@ kernel's OOM killer would end the whole bot, every reply in flight with it; the 
 ``MemoryGuard.short`` before each step instead and gives memory back first (see
 ``SlotScheduler._relieve``).
 
-What is available is the least of Linux's ``MemAvailable`` and what the process's memory
-cgroup (a container's limit; v2 or v1) leaves: its limit less the memory it uses, not
-counting the file cache the kernel would drop first (``inactive_file``, as ``docker stats``
-and the kubelet count it). Elsewhere it is unknown, and the guard never says short.
+What is available is the least of Linux's ``MemAvailable`` and what each memory cgroup
+that limits the process (a container's, a systemd slice's; v2 or v1) leaves: its limit less
+the memory it uses, not counting the file cache the kernel would drop first
+(``inactive_file``, as ``docker stats`` and the kubelet count it). Elsewhere it is unknown,
+and the guard never says short.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
-
 FLOOR_BYTES = 256 * 2**20
-"""Memory left for everything else (the step's activations, the event loop, the store)."""
+"""Below this (and what a step may write), memory is short: the engine gives back what it
+can spare without cutting a reply, and new prompts wait while replies run."""
+CRITICAL_BYTES = 64 * 2**20
+"""Below this (and what a step may write), the kernel is about to kill a process: the
+engine ends replies."""
 UNLIMITED = 2**60
 """A cgroup limit at or past this is no limit (v1 writes one just under 2**63)."""
 
@@ -38,18 +40,22 @@ def free_memory() -> int:
 
 class HostMemory:
     """The memory this process may still take, in bytes, when called; ``None`` where
-    unknown. The cgroup is looked up once (``root``: where ``/proc`` and ``/sys`` are, for
-    tests): reading these files costs tens of microseconds each in some sandboxes."""
+    unknown. The cgroups that limit it (its own and its parents') are looked up once
+    (``root``: where ``/proc`` and ``/sys`` are, for tests): reading these files costs tens
+    of microseconds each in some sandboxes."""
 
     def __init__(self, root: Path = Path("/")) -> None:
         self._meminfo = root / "proc/meminfo"
-        self._cgroup = _limited_cgroup(root)
+        self._cgroups = _limiting_cgroups(root)
 
     def __call__(self) -> int | None:
-        found = [value for value in (_meminfo(self._meminfo),
-                                     self._cgroup and _left(*self._cgroup))
-                 if value is not None]
-        return min(found) if found else None
+        found = [_meminfo(self._meminfo), *(_left(*cgroup) for cgroup in self._cgroups)]
+        known = [value for value in found if value is not None]
+        return min(known) if known else None
+
+
+Cgroup = tuple[Path, str, str, str]
+"""A memory cgroup's folder, and its limit's, its usage's and its file cache's names."""
 
 
 def _meminfo(path: Path) -> int | None:
@@ -60,18 +66,30 @@ def _meminfo(path: Path) -> int | None:
     for line in text.splitlines():
         name, _, value = line.partition(":")
         if name == "MemAvailable":
-            return int(value.split()[0]) * 1024
+            return _number(value.split()[:1], 1024)
     return None
 
 
-def _limited_cgroup(root: Path) -> tuple[Path, str, str, str] | None:
-    """The process's memory cgroup folder and its files' names, when it has a limit."""
+def _number(words: list[str], unit: int = 1) -> int | None:
+    """``words[0]`` as a number of ``unit``s; ``None`` if it is none (an emulated file,
+    gVisor's say, may differ from Linux's)."""
+    try:
+        return int(words[0]) * unit
+    except (IndexError, ValueError):
+        return None
+
+
+def _limiting_cgroups(root: Path) -> list[Cgroup]:
+    """The process's memory cgroup and its parents, those of them with a limit."""
     try:
         lines = (root / "proc/self/cgroup").read_text().splitlines()
     except OSError:
-        return None
+        return []
     for line in lines:
-        _id, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _id, controllers, path = fields
         if controllers == "":  # v2: one hierarchy
             files = ("memory.max", "memory.current", "inactive_file")
             base = root / "sys/fs/cgroup"
@@ -80,42 +98,64 @@ def _limited_cgroup(root: Path) -> tuple[Path, str, str, str] | None:
             base = root / "sys/fs/cgroup/memory"
         else:
             continue
-        # Inside a container the cgroup's own folder is usually mounted as the root.
-        for folder in (base / path.lstrip("/"), base):
-            if _left(folder, *files) is not None:
-                return (folder, *files)
-    return None
+        # Its folder and each parent's, up to the hierarchy's root (inside a container the
+        # cgroup's own folder is usually mounted there, and the path does not exist).
+        folder, folders = base / path.strip().lstrip("/"), []
+        while folder != base and base in folder.parents:
+            folders.append(folder)
+            folder = folder.parent
+        folders.append(base)
+        return [(folder, *files) for folder in folders if _left(folder, *files) is not None]
+    return []
 
 
 def _left(folder: Path, limit_file: str, usage_file: str, inactive: str) -> int | None:
     """The cgroup's limit less what it uses, not counting the file cache the kernel would
-    drop first; ``None`` without a limit."""
+    drop first; ``None`` without a limit (or a file to read it from)."""
     try:
-        limit_text = (folder / limit_file).read_text().strip()
-        if limit_text == "max" or int(limit_text) >= UNLIMITED:
+        limit = _number((folder / limit_file).read_text().split())  # "max": none
+        if limit is None or limit >= UNLIMITED:
             return None
-        usage = int((folder / usage_file).read_text())
+        usage = _number((folder / usage_file).read_text().split())
         stat = (folder / "memory.stat").read_text()
-    except (OSError, ValueError):
+    except OSError:
+        return None
+    if usage is None:
         return None
     dropped = 0
     for line in stat.splitlines():
         name, _, value = line.partition(" ")
         if name == inactive:
-            dropped = int(value)
-    return int(limit_text) - max(0, usage - dropped)
+            dropped = _number(value.split()) or 0
+    return limit - max(0, usage - dropped)
 
 
 class MemoryGuard:
-    """Says when less than ``floor`` bytes are left (``available``: a ``HostMemory``, or a
-    stand-in in tests)."""
+    """Says when less than ``floor`` bytes are left, and whether less than ``critical``
+    (``available``: a ``HostMemory``, or a stand-in in tests)."""
 
-    def __init__(self, floor: int, available: Callable[[], int | None] | None = None) -> None:
-        self.floor = floor
+    def __init__(self, floor: int, critical: int, step: int = 0,
+                 available: Callable[[], int | None] | None = None) -> None:
+        self.floor, self.critical = floor, critical
+        self.step = step
+        """What one step may write."""
         self._available = available or HostMemory()
         self.left: int | None = None
-        """What was available when last asked."""
+        """What was available when last asked (``short``)."""
+
+    @classmethod
+    def for_steps(cls, step_bytes: int,
+                  available: Callable[[], int | None] | None = None) -> MemoryGuard:
+        """A guard for an engine whose step may write ``step_bytes``: twice that above each
+        level."""
+        return cls(FLOOR_BYTES + 2 * step_bytes, CRITICAL_BYTES + 2 * step_bytes, step_bytes,
+                   available)
 
     def short(self) -> bool:
         self.left = self._available()
         return self.left is not None and self.left < self.floor
+
+    @property
+    def critical_now(self) -> bool:
+        """Whether the last ``short`` found less than ``critical`` left."""
+        return self.left is not None and self.left < self.critical

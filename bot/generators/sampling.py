@@ -110,8 +110,8 @@ def penalised(logits: Any, seen: Any, penalty: Any, *, sparse: bool) -> Any:
     if sparse:
         rows, tokens = seen.nonzero(as_tuple=True)
         scores, factor = logits[rows, tokens], penalty[rows]
-        return logits.index_put((rows, tokens),
-                                torch.where(scores < 0, scores * factor, scores / factor))
+        scores = torch.where(scores < 0, scores * factor, scores / factor)
+        return logits.index_put((rows, tokens), scores.to(logits.dtype))
     factor = penalty[:, None]
     return torch.where(seen, torch.where(logits < 0, logits * factor, logits / factor), logits)
 

@@ -17,8 +17,8 @@ how a step runs:
   captured at start-up for each batch-size bucket and attention width; the cache is then
   allocated once, sized from free memory. On the CPU the cache is reserved whole and takes
   memory as the conversations write to it (or, where the system will not reserve it, grows
-  with them). Should the machine run short of memory,
-  a step first gives back what no row uses and ends the longest reply only if it must
+  with them). Should the machine run short of memory, the engine gives back what no row
+  keeps and holds new prompts, and ends the longest replies only if memory gets critical
   (``_relieve``, ``host_memory.py``): the kernel would otherwise kill the whole bot.
 - A request that ends leaves its row's keys and values in the prefix cache
   (``prefix_cache.py``); a new prompt that starts as one of those did (the conversation's
@@ -42,7 +42,7 @@ from typing import Any
 from bot.errors import GenerationError
 from bot.generators.fused_layers import Fused, fuse, unfuse
 from bot.generators.host_copy import to_device
-from bot.generators.host_memory import FLOOR_BYTES, MemoryGuard
+from bot.generators.host_memory import MemoryGuard
 from bot.generators.packed_linear import Packed, pack, unpack
 from bot.generators.padding import pad_right
 from bot.generators.prefix_cache import Parked, PrefixCache
@@ -87,6 +87,11 @@ class SlotScheduler(BatchScheduler):
         """What memory is left (``host_memory.HostMemory`` unless a test stands in)."""
         self._guard: MemoryGuard | None = None
         """For a reserved cache: says when memory runs short (``_relieve``)."""
+        self._short = False
+        """Memory was short at this step's start: new prompts wait while replies run, and
+        no finished conversation is parked."""
+        self._strained = 0
+        """Steps in a row that found memory short since replies were last ended."""
         self._short_said = -math.inf
         """When a shortage was last logged (``_relieve``)."""
         self._host_lengths: list[int] = []
@@ -143,7 +148,7 @@ class SlotScheduler(BatchScheduler):
         if cache.releasable:
             # Room for what one step may write: a prompt chunk and a token a row.
             most = (self._prefill_chunk + cache.slots) * cache.bytes_per_token()
-            self._guard = MemoryGuard(FLOOR_BYTES + 2 * most, self._memory)
+            self._guard = MemoryGuard.for_steps(most, self._memory)
         return cache
 
     def stop(self) -> None:
@@ -190,33 +195,39 @@ class SlotScheduler(BatchScheduler):
         self._widths = torch.arange(self._slots.length + 1, device=self._slots.device)
 
     def _relieve(self) -> None:
-        """Memory is short: drop the parked conversations and give back the cache's memory
-        that no row uses; if it is still short, end the replies that hold the most, as
-        many as the shortfall takes (the kernel's OOM killer would otherwise end the whole
-        bot). Counted, not measured again: what a system says is available may lag what was
-        given back (it did in a gVisor sandbox), and the next step looks again. New prompts
-        are served all the same: should memory stay short with none running, they may
-        fit."""
+        """Memory is short (``_step`` asked): drop the parked conversations and give back
+        the cache's memory that no row keeps (new prompts wait while replies run). Still
+        critical a step later (what a system reports may lag what was given back; the
+        levels leave room for two steps' writes), end the replies that hold the most, as
+        many as it takes to be a step's writes above the critical level, counted: the
+        kernel's OOM killer would otherwise end the whole bot. Where all the replies
+        together hold less than that, memory is not theirs to give back, and none is
+        ended. Then a step passes again before more are."""
         assert self._guard is not None
-        left, ended = self._guard.left or 0, 0
+        guard, left, ended = self._guard, self._guard.left or 0, 0
         self.prefixes.clear()
         self._reusing = {}  # (they hold parked conversations too)
         self._slots.release(self._kept())
-        if self._guard.short():
-            missing = self._guard.floor - (self._guard.left or 0)
-            while missing > 0 and self._rows:
-                row = max(range(len(self._rows)), key=self._host_lengths.__getitem__)
-                missing -= self._host_lengths[row] * self._slots.bytes_per_token()
-                self._finish(self._rows[row], GenerationError(N_(
-                    "the machine ran short of memory, so this reply was cut short")))
-                self._leave(row)
-                ended += 1
-            self._slots.release(self._kept())
+        self._strained += 1
+        if guard.critical_now and self._strained > 1:
+            self._strained = 0
+            per_token = self._slots.bytes_per_token()
+            missing = guard.critical + guard.step - left
+            if sum(self._host_lengths) * per_token >= missing:
+                while missing > 0:
+                    row = max(range(len(self._rows)), key=self._host_lengths.__getitem__)
+                    missing -= self._host_lengths[row] * per_token
+                    self._finish(self._rows[row], GenerationError(N_(
+                        "the machine ran short of memory, so this reply was cut short")))
+                    self._leave(row)
+                    ended += 1
+                self._slots.release(self._kept())
         if ended or time.monotonic() - self._short_said > SHORT_SAID_EVERY_S:
             self._short_said = time.monotonic()
-            logger.warning("memory is short (%s MiB left, %s MiB wanted): gave back the KV "
-                           "cache's unused memory and ended %s replies", left // 2**20,
-                           self._guard.floor // 2**20, ended)
+            logger.warning("memory is short (%s MiB left; %s MiB wanted, %s critical): gave "
+                           "back the KV cache's unused memory, new prompts wait while "
+                           "replies run, and %s replies were ended", left // 2**20,
+                           guard.floor // 2**20, guard.critical // 2**20, ended)
 
     def _kept(self) -> dict[int, int]:
         """The positions each row keeps (``SlotCache.release``): the batch's and those of
@@ -232,12 +243,16 @@ class SlotScheduler(BatchScheduler):
     def _step(self) -> None:
         self._waiting = [r for r in self._waiting
                          if not self._dropped(r) and not self._too_long(r)]
-        if self._guard is not None and self._guard.short():
+        self._short = self._guard is not None and self._guard.short()
+        if self._short:
             self._relieve()
+        else:
+            self._strained = 0
         if self._reusing:
             self._reusing = {r: found for r, found in self._reusing.items()
                              if r in self._waiting}
-        self._advance(self._chunks(self._start))  # a new prompt may start past a parked one
+        # A new prompt may start past a parked one; short of memory, it waits for the batch.
+        self._advance([] if self._short and self._rows else self._chunks(self._start))
 
     def _advance(self, plan: list[Chunk]) -> None:
         """Prefill ``plan`` and decode the batch: one packed forward."""
@@ -387,7 +402,7 @@ class SlotScheduler(BatchScheduler):
     def _park(self, row: int) -> None:
         """Keep row ``row``'s keys and values for its conversation's next turn: its prompt
         and reply but the last token, which was never fed."""
-        if not self.prefixes.budget:
+        if not self.prefixes.budget or self._short:
             return
         request, length = self._rows[row], self._host_lengths[row]
         tokens = [*request.prompt, *request.generated][:length]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,35 @@ from bot.generators.slot_scheduler import SlotScheduler
 
 logger = logging.getLogger(__name__)
 
+_cudnn_lock = threading.Lock()
+_cudnn_holders = 0
+"""CUDA engines running, which forbid torch's cuDNN attention (a setting of the process's)."""
+_cudnn_before = True
+"""Whether torch could pick it before the first of them."""
+
+
+def _forbid_cudnn_attention() -> None:
+    global _cudnn_holders, _cudnn_before
+    import torch
+
+    with _cudnn_lock:
+        if _cudnn_holders == 0:
+            enabled = torch.backends.cuda.cudnn_sdp_enabled
+            _cudnn_before = bool(enabled())  # type: ignore[no-untyped-call]
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        _cudnn_holders += 1
+
+
+def _allow_cudnn_attention() -> None:
+    """The last engine to stop gives torch its setting back."""
+    global _cudnn_holders
+    import torch
+
+    with _cudnn_lock:
+        _cudnn_holders -= 1
+        if _cudnn_holders == 0:
+            torch.backends.cuda.enable_cudnn_sdp(_cudnn_before)
+
 
 class StaticSlotScheduler(SlotScheduler):
     def __init__(self, model: Any, *, eos_ids: Sequence[int], graphs: bool | None = None,
@@ -43,8 +73,7 @@ class StaticSlotScheduler(SlotScheduler):
         super().__init__(model, eos_ids=eos_ids, **options)
         self._use_graphs = self._cuda and graphs is not False
         self._graphs: Any = None
-        self._cudnn_sdp: bool | None = None
-        """Whether torch could pick cuDNN attention before this engine forbade it."""
+        self._cudnn_forbidden = False
 
     def _prepare(self) -> None:
         """The slot engine's preparation, then the graphs' capture: on the scheduler's
@@ -66,11 +95,10 @@ class StaticSlotScheduler(SlotScheduler):
             return super()._cache(grow_rows=False)
         model, config, device = self._model, self._model.config, self._model.device
         # Memory-efficient attention takes a mask and plans nothing per shape; cuDNN, which
-        # torch picks on sm90, plans anew for every batch and width. Set for the process,
-        # until ``stop``: a per-call context would race with other threads' calls.
-        enabled = torch.backends.cuda.cudnn_sdp_enabled
-        self._cudnn_sdp = bool(enabled())  # type: ignore[no-untyped-call]
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        # torch picks on sm90, plans anew for every batch and width. Set for the process
+        # while CUDA engines run: a per-call context would race with other threads' calls.
+        _forbid_cudnn_attention()
+        self._cudnn_forbidden = True
         # An engine stopped before this one may hold its cache still, in reference cycles:
         # free it before this cache is sized from the memory that is free.
         gc.collect()
@@ -92,8 +120,9 @@ class StaticSlotScheduler(SlotScheduler):
 
         self._graphs = self._slots = self._sampler = None  # type: ignore[assignment]
         self._next = self._lengths = self._active = self._widths = None
-        if self._cudnn_sdp is not None:
-            torch.backends.cuda.enable_cudnn_sdp(self._cudnn_sdp)
+        if self._cudnn_forbidden:
+            self._cudnn_forbidden = False
+            _allow_cudnn_attention()
         torch.cuda.empty_cache()
 
     def _advance(self, plan: list[Chunk]) -> None:
