@@ -1,11 +1,14 @@
 """Running short of memory (``host_memory.py``, ``SlotCache.release``,
-``SlotScheduler._relieve``): what is left is read from Linux and from the process's cgroup;
+``SlotScheduler._relieve``): what is left is read from Linux and from the process's cgroups;
 a reserved KV cache gives back the memory no row keeps; short of memory, the slot engine
-drops its parked conversations and ends the reply that holds the most, and the others go on
-as if nothing happened."""
+drops its parked conversations, gives back what no row keeps and holds new prompts; on the
+next step, if memory is critical, it ends the conversations holding the most (and none
+where they hold too little to matter), a step at most every other step, and the others go
+on as if nothing happened."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -90,18 +93,31 @@ def test_memory_left_is_the_least_of_the_machine_s_and_the_cgroup_s(tmp_path: Pa
     assert HostMemory(broken_stat)() == 512 * MIB
 
 
-def test_the_guard_says_short_below_its_floor_critical_below_the_next() -> None:
+def test_the_guard_asks_replies_for_memory_only_when_critical_a_step_later() -> None:
     left: list[int | None] = [300 * MIB]
     guard = MemoryGuard.for_steps(10 * MIB, lambda: left[0])
     assert (guard.floor, guard.critical, guard.step) == \
         (FLOOR_BYTES + 20 * MIB, CRITICAL_BYTES + 20 * MIB, 10 * MIB)
-    assert not guard.short() and guard.left == 300 * MIB and not guard.critical_now
-    left[0] = 200 * MIB
-    assert guard.short() and not guard.critical_now
+    assert not guard.short() and guard.left == 300 * MIB and guard.cut_due() == 0
+    left[0] = 200 * MIB  # short, not critical: nothing asked of the replies
+    assert [guard.short(), guard.cut_due(), guard.short(), guard.cut_due()] == [True, 0] * 2
     left[0] = 50 * MIB
-    assert guard.short() and guard.critical_now
+    assert guard.short() and guard.cut_due() == guard.critical + guard.step - 50 * MIB
+    # Then a step passes before more is asked; so on a shortage's first step, too.
+    assert [guard.short(), guard.cut_due(), guard.short()] == [True, 0, True]
+    assert guard.cut_due() > 0
+    left[0] = 300 * MIB
+    assert not guard.short()
+    left[0] = 50 * MIB
+    assert [guard.short(), guard.cut_due()] == [True, 0]
+    left[0] = 300 * MIB  # enough again, if for a step: the next shortage starts anew
+    assert not guard.short()
+    left[0] = 50 * MIB
+    assert [guard.short(), guard.cut_due(), guard.short()] == [True, 0, True]
+    left[0] = 100 * MIB  # read again when asked: what was given back is seen
+    assert guard.cut_due() == 0
     left[0] = None
-    assert not guard.short() and not guard.critical_now
+    assert not guard.short() and guard.cut_due() == 0
     if Path("/proc/meminfo").exists():
         assert (HostMemory()() or 0) > 0
 
@@ -199,23 +215,31 @@ async def test_critical_memory_ends_the_reply_holding_most_and_the_others_go_on(
                 longest = max(scheduler._host_lengths) * scheduler._slots.bytes_per_token()
                 squeeze(scheduler, memory, longest // 2)
 
+        idle: list[bool] = []
+
+        def look() -> None:  # the first token after the cut, in the same step
+            press()
+            if got[0].ended and not idle:
+                # The last row, but its first head (whose first page it may share with the
+                # row before it).
+                idle.append(bool(scheduler._slots.states[:, :, 2, 1:].any()))
+
         for reply in got:
-            reply.hook = press
-        with caplog.at_level(logging.WARNING, "bot.generators.slot_scheduler"):
+            reply.hook = look
+        with caplog.at_level(logging.WARNING, "bot.generators.host_memory"):
             await until(lambda: all(reply.ended for reply in got), "the replies", within=60)
         # Parked conversations were dropped, and none is parked while memory is short.
         assert len(scheduler.prefixes) == 0
-        idle = scheduler._slots.states[:, :, 2].clone()  # the last row, now unused
     cut, *rest = got
     assert isinstance(cut.error, GenerationError) and "short of memory" in str(cut.error)
     assert 5 <= len(cut.tokens) < 40
     assert [reply.error for reply in rest] == [None, None]
     assert [reply.tokens for reply in rest] == expected  # undisturbed
-    assert not idle.any()  # the cut reply's memory went back to the system
+    assert idle == [False]  # the cut reply's memory went back to the system at once
     said = [r.getMessage() for r in caplog.records if "memory is short" in r.getMessage()]
     # The first step short gave back only what no row keeps; the next one cut.
-    assert [message[-24:] for message in said] == ["and 0 replies were ended",
-                                                   "and 1 replies were ended"]
+    assert [message[-24:] for message in said] == ["; conversations ended: 0",
+                                                   "; conversations ended: 1"]
 
 
 @RESERVES
@@ -232,16 +256,19 @@ async def test_memory_short_elsewhere_cuts_no_reply_and_new_prompts_wait(
         await until(lambda: all(len(reply.tokens) >= 3 for reply in got), "both running")
         # Far below the critical level, and the replies could not give back enough.
         memory.left = lambda: 0
-        with caplog.at_level(logging.WARNING, "bot.generators.slot_scheduler"):
+        with caplog.at_level(logging.WARNING, "bot.generators.host_memory"):
             got.append(submit(scheduler, later, greedy(30), log)[1])
             await until(lambda: all(reply.ended for reply in got), "the replies", within=60)
         assert len(scheduler.prefixes) == 0  # none parked while short
+        # The rows left idle gave their memory back (the later prompt took row 0).
+        assert not scheduler._slots.states[:, :, 1:].any()
     assert [reply.error for reply in got] == [None] * 3
     assert [reply.tokens for reply in got] == expected
     # The later prompt waited for the batch to finish.
     assert log.index(got[2]) > max(len(log) - 1 - log[::-1].index(reply) for reply in got[:2])
     said = [r.getMessage() for r in caplog.records if "memory is short" in r.getMessage()]
-    assert len(said) == 1 and "0 replies were ended" in said[0]
+    assert len(said) == 1 and said[0].endswith("; conversations ended: 0")
+    assert "new prompts wait while replies run" in said[0]
 
 
 @RESERVES
@@ -272,3 +299,100 @@ async def test_a_long_prompt_part_prefilled_keeps_its_row_when_replies_are_cut(
     assert isinstance(got[0].error, GenerationError)
     assert [got[1].tokens, got[2].tokens, after.tokens] == expected
     assert [reply.error for reply in (got[1], got[2], after)] == [None] * 3
+
+
+@RESERVES
+async def test_critical_memory_ends_a_conversation_a_step_at_most_every_other_step(
+        llama: Any) -> None:
+    memory = Memory()
+    scheduler = engine(llama, memory)
+    cut_at: list[int] = []
+    with running(scheduler):
+        assert scheduler._guard is not None
+        critical = scheduler._guard.critical
+        got = [submit(scheduler, ids(60 + 10 * n, n), greedy(300))[1] for n in range(4)]
+        await until(lambda: all(len(reply.tokens) >= 2 for reply in got), "all running")
+        pressed = scheduler.steps
+        # Just below the critical level from now on: each row holds more than a step's
+        # writes, so one ended at a time covers what is missing.
+        memory.left = lambda: critical - 1
+        for reply in got:
+            reply.ends = lambda: cut_at.append(scheduler.steps)
+        await until(lambda: all(reply.ended for reply in got), "all ended", within=60)
+    assert all(isinstance(reply.error, GenerationError) for reply in got)
+    cut_at.sort()
+    assert len(cut_at) == 4 and cut_at[0] >= pressed + 1  # not on the first short step
+    assert all(later - earlier >= 2 for earlier, later in itertools.pairwise(cut_at))
+
+
+@RESERVES
+async def test_memory_critical_every_other_step_ends_nothing(llama: Any) -> None:
+    memory = Memory()
+    scheduler = engine(llama, memory)
+    with running(engine(llama)) as plain:
+        expected = await alone(plain, [ids(60, 1), ids(70, 2)], greedy(40))
+    with running(scheduler):
+        assert scheduler._guard is not None
+        critical = scheduler._guard.critical
+        got = [submit(scheduler, prompt, greedy(40))[1] for prompt in (ids(60, 1), ids(70, 2))]
+        reads = iter(range(10**6))
+        memory.left = lambda: critical - 1 if next(reads) % 2 else 1 << 40
+        await until(lambda: all(reply.ended for reply in got), "both ended", within=60)
+    assert [reply.error for reply in got] == [None, None]
+    assert [reply.tokens for reply in got] == expected
+
+
+@RESERVES
+async def test_a_long_prompt_part_prefilled_holding_most_is_ended_first(llama: Any) -> None:
+    brief, huge = ids(20, 2), ids(1200, 1)
+    with running(engine(llama)) as plain:
+        [expected] = await alone(plain, [brief], greedy(150))
+    memory = Memory()
+    scheduler = engine(llama, memory)
+    with running(scheduler):
+        # (150 tokens: fewer than the prompt gives back, so the reply never brings memory
+        # back down to critical.)
+        _, running_reply = submit(scheduler, brief, greedy(150))
+        await until(lambda: len(running_reply.tokens) >= 2, "the brief reply running")
+        request, prompt_reply = submit(scheduler, huge, greedy(30))
+        pressed: list[bool] = []
+
+        def press() -> None:  # more missing than the running reply holds, not the prompt
+            if not pressed and request.prefilled >= 300:
+                pressed.append(True)
+                per_token = scheduler._slots.bytes_per_token()
+                squeeze(scheduler, memory, (max(scheduler._host_lengths) + 50) * per_token)
+
+        running_reply.hook = press
+        await until(lambda: running_reply.ended and prompt_reply.ended, "both", within=60)
+    assert isinstance(prompt_reply.error, GenerationError) and prompt_reply.tokens == []
+    assert (running_reply.error, running_reply.tokens) == (None, expected)
+
+
+@RESERVES
+async def test_no_prompt_joins_on_the_step_that_ended_conversations(llama: Any) -> None:
+    reads: list[int] = []
+    memory = Memory()
+    scheduler = engine(llama, memory)
+    with running(scheduler):
+        guard = scheduler._guard
+        assert guard is not None
+        _, cut = submit(scheduler, ids(60, 1), greedy(300))
+        await until(lambda: len(cut.tokens) >= 2, "a reply running")
+        memory.left = lambda: guard.floor - 1  # short, not critical: a new prompt waits
+        # (shorter than a prefill chunk: it would join, first token and all, in one step)
+        request, later = submit(scheduler, ids(10, 2), greedy(4))
+        await until(lambda: request in scheduler._waiting and guard.strained >= 2, "held")
+
+        def low() -> int:
+            reads.append(1)
+            return guard.critical - 1
+
+        marks: dict[str, int] = {}
+        cut.ends = lambda: marks.setdefault("cut", len(reads))
+        later.hook = lambda: marks.setdefault("joined", len(reads))
+        memory.left = low
+        await until(lambda: cut.ended and later.ended, "both", within=60)
+    # (Memory stays critical: the later reply may be cut in turn, once it has joined.)
+    assert isinstance(cut.error, GenerationError) and later.tokens
+    assert marks["joined"] > marks["cut"]  # a step later, having read memory again

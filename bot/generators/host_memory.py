@@ -15,9 +15,14 @@ and the guard never says short.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 FLOOR_BYTES = 256 * 2**20
 """Below this (and what a step may write), memory is short: the engine gives back what it
@@ -25,6 +30,9 @@ can spare without cutting a reply, and new prompts wait while replies run."""
 CRITICAL_BYTES = 64 * 2**20
 """Below this (and what a step may write), the kernel is about to kill a process: the
 engine ends replies."""
+SAID_EVERY_S = 60.0
+"""A shortage that ends no conversation is logged at most this often."""
+MIB = 2**20
 UNLIMITED = 2**60
 """A cgroup limit at or past this is no limit (v1 writes one just under 2**63)."""
 
@@ -131,8 +139,9 @@ def _left(folder: Path, limit_file: str, usage_file: str, inactive: str) -> int 
 
 
 class MemoryGuard:
-    """Says when less than ``floor`` bytes are left, and whether less than ``critical``
-    (``available``: a ``HostMemory``, or a stand-in in tests)."""
+    """Says when less than ``floor`` bytes are left, and when replies must give memory
+    back (``available``: a ``HostMemory``, or a stand-in in tests). One per engine: it
+    keeps count of a shortage's steps and says so in the log."""
 
     def __init__(self, floor: int, critical: int, step: int = 0,
                  available: Callable[[], int | None] | None = None) -> None:
@@ -141,7 +150,10 @@ class MemoryGuard:
         """What one step may write."""
         self._available = available or HostMemory()
         self.left: int | None = None
-        """What was available when last asked (``short``)."""
+        """What was available when last read."""
+        self.strained = 0
+        """Short reads in a row, since memory was last enough or replies last gave back."""
+        self._said = -math.inf
 
     @classmethod
     def for_steps(cls, step_bytes: int,
@@ -152,10 +164,36 @@ class MemoryGuard:
                    available)
 
     def short(self) -> bool:
+        """Whether less than ``floor`` is left now."""
         self.left = self._available()
-        return self.left is not None and self.left < self.floor
+        if self.left is not None and self.left < self.floor:
+            self.strained += 1
+            return True
+        if self._said > -math.inf:  # the shortage was logged: so is its end
+            logger.info("memory is no longer short: %.1f MiB left", (self.left or 0) / MIB)
+        self.strained, self._said = 0, -math.inf
+        return False
 
-    @property
-    def critical_now(self) -> bool:
-        """Whether the last ``short`` found less than ``critical`` left."""
-        return self.left is not None and self.left < self.critical
+    def cut_due(self) -> int:
+        """Asked after what could be given back was: the bytes the replies must give back
+        now, else 0. Only on a second short step in a row (what a system reports may lag
+        what was given back, and the levels leave room for two steps' writes), read
+        anew, and only below ``critical``: enough to be a step's writes above it."""
+        if self.strained < 2:
+            return 0
+        self.left = self._available()
+        if self.left is None or self.left >= self.critical:
+            return 0
+        self.strained = 0
+        return self.critical + self.step - self.left
+
+    def report(self, ended: int, *, waiting: bool) -> None:
+        """Log the shortage: once a minute, and whenever replies were ended."""
+        if not ended and time.monotonic() - self._said < SAID_EVERY_S:
+            return
+        self._said = time.monotonic()
+        logger.warning("memory is short: %.1f MiB left, %.1f MiB wanted (%.1f MiB critical); "
+                       "the KV cache gave back what no conversation keeps%s; conversations "
+                       "ended: %s", (self.left or 0) / MIB, self.floor / MIB,
+                       self.critical / MIB, "; new prompts wait while replies run"
+                       if waiting else "", ended)

@@ -236,10 +236,12 @@ class SlotCache:
         """Whether ``release`` can give memory back: only a reserved cache's."""
         return self._mapping is not None and hasattr(mmap, "MADV_DONTNEED")
 
-    def release(self, keep: dict[int, int]) -> None:
+    def release(self, keep: dict[int, int], rows: range | None = None) -> None:
         """Give the system back the memory of each row's positions from ``keep[row]`` on
-        (every position of a row not in ``keep``): whole pages of them read as zeros
-        again, and take memory again once written. Only a ``releasable`` cache can."""
+        (every position of a row not in ``keep``), of ``rows`` (all by default): whole
+        pages of them read as zeros again, and take memory again once written. Only a
+        ``releasable`` cache can. A system call per kept row, layer, keys or values and
+        head; rows given back whole join up into one per layer and kind."""
         if not self.releasable:
             return
         assert self._mapping is not None
@@ -249,15 +251,19 @@ class SlotCache:
         spans: list[list[int]] = []  # [first, end) in elements, in address order
         for layer in range(self.layers):
             for kind in (0, 1):
-                for row in range(self.slots):
+                for row in rows if rows is not None else range(self.slots):
+                    base = layer * strides[0] + kind * strides[1] + row * strides[2]
                     start = keep.get(row, 0)
-                    for head in range(self.kv_heads):
-                        base = (layer * strides[0] + kind * strides[1] + row * strides[2]
-                                + head * strides[3])
-                        first, end = base + start * strides[4], base + row_end
+                    if start <= 0:  # the whole row: its heads are contiguous
+                        parts = [(base, base + self.kv_heads * strides[3])]
+                    else:
+                        parts = [(head_base + start * strides[4], head_base + row_end)
+                                 for head_base in range(base, base + self.kv_heads * strides[3],
+                                                        strides[3])]
+                    for first, end in parts:
                         if first >= end:
                             continue
-                        if spans and spans[-1][1] == first:  # whole rows join up
+                        if spans and spans[-1][1] == first:
                             spans[-1][1] = end
                         else:
                             spans.append([first, end])

@@ -34,7 +34,6 @@ how a step runs:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,9 +59,6 @@ from bot.generators.slot_cache import (
 from bot.i18n import N_
 
 logger = logging.getLogger(__name__)
-
-SHORT_SAID_EVERY_S = 60.0
-"""A shortage of memory that ends no reply is logged at most this often."""
 
 
 class SlotScheduler(BatchScheduler):
@@ -90,10 +86,6 @@ class SlotScheduler(BatchScheduler):
         self._short = False
         """Memory was short at this step's start: new prompts wait while replies run, and
         no finished conversation is parked."""
-        self._strained = 0
-        """Steps in a row that found memory short since replies were last ended."""
-        self._short_said = -math.inf
-        """When a shortage was last logged (``_relieve``)."""
         self._host_lengths: list[int] = []
         # Allocated by _prepare, on the scheduler's thread.
         self._slots: SlotCache = None  # type: ignore[assignment]
@@ -194,40 +186,46 @@ class SlotScheduler(BatchScheduler):
             setattr(self, name, pad_right(getattr(self, name), slots, dim=0))
         self._widths = torch.arange(self._slots.length + 1, device=self._slots.device)
 
-    def _relieve(self) -> None:
+    def _relieve(self) -> int:
         """Memory is short (``_step`` asked): drop the parked conversations and give back
-        the cache's memory that no row keeps (new prompts wait while replies run). Still
-        critical a step later (what a system reports may lag what was given back; the
-        levels leave room for two steps' writes), end the replies that hold the most, as
-        many as it takes to be a step's writes above the critical level, counted: the
-        kernel's OOM killer would otherwise end the whole bot. Where all the replies
-        together hold less than that, memory is not theirs to give back, and none is
-        ended. Then a step passes again before more are."""
-        assert self._guard is not None
-        guard, left, ended = self._guard, self._guard.left or 0, 0
+        the cache's memory that no row keeps (all of the rows on a shortage's first step,
+        then the idle ones: a system call per row, layer and head). Should the guard say
+        replies must give memory back (critical, a step later), end those that hold the
+        most: the kernel's OOM killer would otherwise end the whole bot. How many ended."""
+        guard = self._guard
+        assert guard is not None
         self.prefixes.clear()
         self._reusing = {}  # (they hold parked conversations too)
-        self._slots.release(self._kept())
-        self._strained += 1
-        if guard.critical_now and self._strained > 1:
-            self._strained = 0
-            per_token = self._slots.bytes_per_token()
-            missing = guard.critical + guard.step - left
-            if sum(self._host_lengths) * per_token >= missing:
-                while missing > 0:
-                    row = max(range(len(self._rows)), key=self._host_lengths.__getitem__)
-                    missing -= self._host_lengths[row] * per_token
-                    self._finish(self._rows[row], GenerationError(N_(
-                        "the machine ran short of memory, so this reply was cut short")))
-                    self._leave(row)
-                    ended += 1
-                self._slots.release(self._kept())
-        if ended or time.monotonic() - self._short_said > SHORT_SAID_EVERY_S:
-            self._short_said = time.monotonic()
-            logger.warning("memory is short (%s MiB left; %s MiB wanted, %s critical): gave "
-                           "back the KV cache's unused memory, new prompts wait while "
-                           "replies run, and %s replies were ended", left // 2**20,
-                           guard.floor // 2**20, guard.critical // 2**20, ended)
+        idle = range(len(self._rows), self._slots.slots)
+        self._slots.release(self._kept(), None if guard.strained == 1 else idle)
+        missing = guard.cut_due()
+        ended = self._end_holding(missing) if missing else 0
+        guard.report(ended, waiting=bool(self._rows))
+        return ended
+
+    def _end_holding(self, missing: int) -> int:
+        """End the replies, and the long prompts part prefilled, that hold the most, until
+        they have given back ``missing`` bytes (counted: what a system reports may lag).
+        None where all of them together hold less: the memory is not theirs."""
+        per_token = self._slots.bytes_per_token()
+        holding = [*zip(self._host_lengths, self._rows, strict=True),
+                   *((r.prefilled, r) for r in self._waiting if r.prefilled and r.row >= 0)]
+        if sum(tokens for tokens, _request in holding) * per_token < missing:
+            return 0
+        ended = 0
+        for tokens, request in sorted(holding, key=lambda held: -held[0]):
+            if missing <= 0:
+                break
+            missing -= tokens * per_token
+            self._finish(request, GenerationError(N_(
+                "the machine ran short of memory, so this reply was cut short")))
+            if request in self._waiting:
+                self._waiting.remove(request)
+            else:
+                self._leave(request.row)
+            ended += 1
+        self._slots.release(self._kept(), range(len(self._rows), self._slots.slots))
+        return ended
 
     def _kept(self) -> dict[int, int]:
         """The positions each row keeps (``SlotCache.release``): the batch's and those of
@@ -244,15 +242,14 @@ class SlotScheduler(BatchScheduler):
         self._waiting = [r for r in self._waiting
                          if not self._dropped(r) and not self._too_long(r)]
         self._short = self._guard is not None and self._guard.short()
-        if self._short:
-            self._relieve()
-        else:
-            self._strained = 0
+        ended = self._relieve() if self._short else 0
         if self._reusing:
             self._reusing = {r: found for r, found in self._reusing.items()
                              if r in self._waiting}
-        # A new prompt may start past a parked one; short of memory, it waits for the batch.
-        self._advance([] if self._short and self._rows else self._chunks(self._start))
+        # A new prompt may start past a parked one. Short of memory, it waits for the batch
+        # (or a step, where conversations were just ended to give memory back).
+        held = self._short and bool(self._rows or ended)
+        self._advance([] if held else self._chunks(self._start))
 
     def _advance(self, plan: list[Chunk]) -> None:
         """Prefill ``plan`` and decode the batch: one packed forward."""

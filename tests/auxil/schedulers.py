@@ -25,6 +25,8 @@ class Reply:
         self.log = log
         self.hook: Callable[[], None] | None = None
         """Run on the scheduler's thread after each token."""
+        self.ends: Callable[[], None] | None = None
+        """Run on the scheduler's thread at the end."""
 
     def __call__(self, item: int | BaseException | None) -> None:
         if isinstance(item, int):
@@ -35,6 +37,8 @@ class Reply:
                 self.hook()
             return
         self.error, self.ended = item, True
+        if self.ends is not None:
+            self.ends()
 
 
 def greedy(tokens: int, penalty: float = 1.3) -> GenerationParams:
