@@ -166,9 +166,12 @@ class SlotScheduler(BatchScheduler):
     # Memory: growing a CPU cache the system would not reserve whole, giving back a
     # reserved one's.
 
+    def _part_prefilled(self) -> list[Request]:
+        """The long prompts part prefilled: each holds a row past the batch's."""
+        return [r for r in self._waiting if r.prefilled and r.row >= 0]
+
     def _used(self) -> int:
-        pending = [r.row + 1 for r in self._waiting if r.prefilled and r.row >= 0]
-        return max([len(self._rows), *pending])
+        return max([len(self._rows), *(r.row + 1 for r in self._part_prefilled())])
 
     def _ensure(self, rows: int, length: int) -> None:
         import torch
@@ -209,7 +212,7 @@ class SlotScheduler(BatchScheduler):
         None where all of them together hold less: the memory is not theirs."""
         per_token = self._slots.bytes_per_token()
         holding = [*zip(self._host_lengths, self._rows, strict=True),
-                   *((r.prefilled, r) for r in self._waiting if r.prefilled and r.row >= 0)]
+                   *((r.prefilled, r) for r in self._part_prefilled())]
         if sum(tokens for tokens, _request in holding) * per_token < missing:
             return 0
         ended = 0
@@ -231,9 +234,8 @@ class SlotScheduler(BatchScheduler):
         """The positions each row keeps (``SlotCache.release``): the batch's and those of
         the long prompts part prefilled."""
         keep = dict(enumerate(self._host_lengths))
-        for request in self._waiting:
-            if request.prefilled and request.row >= 0:
-                keep[request.row] = max(keep.get(request.row, 0), request.prefilled)
+        for request in self._part_prefilled():
+            keep[request.row] = max(keep.get(request.row, 0), request.prefilled)
         return keep
 
     # A step.
