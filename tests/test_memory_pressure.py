@@ -21,7 +21,8 @@ from transformers import LlamaConfig
 
 from bot.errors import GenerationError
 from bot.generators.host_memory import CRITICAL_BYTES, FLOOR_BYTES, HostMemory, MemoryGuard
-from bot.generators.slot_cache import SlotCache, no_reserve_flag, strict_overcommit
+from bot.generators.reserved_memory import no_reserve_flag, strict_overcommit
+from bot.generators.slot_cache import SlotCache
 from bot.generators.slot_scheduler import SlotScheduler
 from tests.auxil.schedulers import Reply, alone, greedy, ids, running, submit, tiny
 from tests.auxil.waiting import until

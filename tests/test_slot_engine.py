@@ -24,19 +24,13 @@ from transformers import LlamaConfig, MistralConfig, MistralForCausalLM
 
 from bot.config import BUILTIN_MODEL
 from bot.errors import GenerationError
-from bot.generators import model_files, slot_cache
+from bot.generators import model_files, reserved_memory
 from bot.generators.base import GenerationParams
 from bot.generators.eager_scheduler import EagerScheduler
 from bot.generators.engine import make_scheduler
+from bot.generators.reserved_memory import no_reserve_flag, strict_overcommit
 from bot.generators.scheduler import eos_ids
-from bot.generators.slot_cache import (
-    ATTENTION,
-    SlotCache,
-    no_reserve_flag,
-    refusal,
-    strict_overcommit,
-    uncaptured_cache,
-)
+from bot.generators.slot_cache import ATTENTION, SlotCache, refusal, uncaptured_cache
 from bot.generators.slot_scheduler import SlotScheduler
 from bot.generators.static_scheduler import StaticSlotScheduler
 from tests.auxil.schedulers import (
@@ -318,7 +312,7 @@ async def test_a_kernel_refusing_the_mapping_s_advice_still_reserves_it(
         def madvise(self, *args: Any) -> None:
             raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(slot_cache.mmap, "mmap", Unadvisable)
+    monkeypatch.setattr(reserved_memory.mmap, "mmap", Unadvisable)
     prompt = ids(12, 5)
     expected = generate(llama, prompt, 6)
     scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=2, threads=1)
@@ -345,7 +339,7 @@ def test_only_a_cpu_cache_is_reserved_and_a_set_length_bounds_the_window(llama: 
 
 async def test_where_a_reservation_is_charged_whole_the_cache_grows_instead(
         llama: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slot_cache, "strict_overcommit", lambda: True)  # overcommit_memory=2
+    monkeypatch.setattr(reserved_memory, "strict_overcommit", lambda: True)  # overcommit_memory=2
     prompt = ids(12, 6)
     expected = generate(llama, prompt, 6)
     scheduler = SlotScheduler(llama, eos_ids=[], max_sequences=2, threads=1)

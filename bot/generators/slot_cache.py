@@ -15,8 +15,9 @@ use, never more than a cache grown to fit them would, and nothing is ever reallo
 growing a cache copies it whole and faults in fresh memory, a stall of a tenth of a second
 or more for every conversation in the batch (measured: 0.2 s of the first second of 16
 conversations arriving). Where a reservation would be charged whole (strict overcommit,
-Windows) or is refused, the cache starts small and grows instead. A reserved cache can give
-back what no row keeps (``SlotCache.release``), for a machine short of memory.
+Windows) or is refused, the cache starts small and grows instead (``reserved_memory.py``). A
+reserved cache can give back what no row keeps (``SlotCache.release``), for a machine short
+of memory.
 
 ``slot_attention`` is registered with transformers' ``AttentionInterface``, so any model
 whose attention goes through that interface (Llama, Qwen, Mistral, SmolLM…) runs unchanged.
@@ -28,14 +29,12 @@ so keys and values are never repeated per head.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import mmap
-import platform
-import sys
 from dataclasses import dataclass
 from typing import Any
+
+from bot.generators.reserved_memory import give_back, reserve
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +221,8 @@ class SlotCache:
         """A CPU cache of ``slots`` rows of ``length`` positions that takes memory only as
         it is written (see above); ``None`` where the system will not reserve it."""
         layers, kv_heads, head_dim = _shape(config) or (0, 0, 0)
-        found = _reserve((layers, 2, slots, kv_heads, length + 1, head_dim), dtype)
+        found = reserve((layers, 2, slots, kv_heads, length + 1, head_dim), dtype,
+                        "a KV cache")
         if found is None:
             return None
         states, mapping = found
@@ -245,9 +245,8 @@ class SlotCache:
         if not self.releasable:
             return
         assert self._mapping is not None
-        size = self.states.element_size()
         strides = self.states.stride()
-        row_end = (self.length + 1) * strides[4]
+        head = strides[3]  # a head's positions in one row, layer and kind
         spans: list[list[int]] = []  # [first, end) in elements, in address order
         for layer in range(self.layers):
             for kind in (0, 1):
@@ -255,11 +254,10 @@ class SlotCache:
                     base = layer * strides[0] + kind * strides[1] + row * strides[2]
                     start = keep.get(row, 0)
                     if start <= 0:  # the whole row: its heads are contiguous
-                        parts = [(base, base + self.kv_heads * strides[3])]
+                        parts = [(base, base + self.kv_heads * head)]
                     else:
-                        parts = [(head_base + start * strides[4], head_base + row_end)
-                                 for head_base in range(base, base + self.kv_heads * strides[3],
-                                                        strides[3])]
+                        parts = [(first + start * strides[4], first + head)
+                                 for first in range(base, base + self.kv_heads * head, head)]
                     for first, end in parts:
                         if first >= end:
                             continue
@@ -267,11 +265,8 @@ class SlotCache:
                             spans[-1][1] = end
                         else:
                             spans.append([first, end])
-        page = mmap.PAGESIZE
-        for first, end in spans:
-            low, high = -(-first * size // page) * page, end * size // page * page
-            if high > low:
-                self._mapping.madvise(mmap.MADV_DONTNEED, low, high - low)
+        size = self.states.element_size()
+        give_back(self._mapping, [(first * size, end * size) for first, end in spans])
 
     def _allocate(self, slots: int, length: int) -> Any:
         import torch
@@ -322,54 +317,6 @@ class SlotCache:
     def move(self, source: int, target: int, length: int) -> None:
         """Row ``source``'s first ``length`` positions become row ``target``'s."""
         self.states[:, :, target, :, :length] = self.states[:, :, source, :, :length]
-
-
-def no_reserve_flag() -> int:
-    """``MAP_NORESERVE``: a reservation larger than memory and swap is then allowed (only
-    what is written counts). Python names it from 3.13; its value where it is generic."""
-    flag = getattr(mmap, "MAP_NORESERVE", None)
-    if flag is not None:
-        return int(flag)
-    linux = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
-    return 0x4000 if linux else 0
-
-
-def strict_overcommit() -> bool:
-    """Whether Linux charges every mapping whole, up front (``vm.overcommit_memory=2``)."""
-    try:
-        with open("/proc/sys/vm/overcommit_memory") as setting:
-            return setting.read().strip() == "2"
-    except OSError:
-        return False
-
-
-def _reserve(shape: tuple[int, ...], dtype: Any) -> tuple[Any, mmap.mmap] | None:
-    """A zeroed tensor of ``shape`` over an anonymous private mapping, and the mapping; or
-    ``None``."""
-    import torch
-
-    if sys.platform == "win32" or strict_overcommit():
-        # A mapping is then charged whole against the commit limit, up front (Windows;
-        # Linux's ``vm.overcommit_memory=2``, which also ignores MAP_NORESERVE).
-        return None
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    try:
-        mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                            | no_reserve_flag(), prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, OverflowError, ValueError) as exc:
-        logger.info("cannot reserve a KV cache of %.1f GiB (%s): it grows as needed instead",
-                    nbytes / 2**30, exc)
-        return None
-    # A huge page would commit 2 MiB at a row's first token (a row's window for one head,
-    # in one layer, is about that size); a core dump need not hold the cache. Advice only:
-    # a kernel without transparent huge pages refuses the first.
-    for advice in ("MADV_NOHUGEPAGE", "MADV_DONTDUMP"):
-        if hasattr(mmap, advice):
-            with contextlib.suppress(OSError):
-                mapping.madvise(getattr(mmap, advice))
-    # The tensor holds the mapping (frombuffer keeps a reference): it is unmapped with it
-    # and the cache.
-    return torch.frombuffer(mapping, dtype=dtype).view(shape), mapping
 
 
 def slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
